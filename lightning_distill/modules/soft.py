@@ -1,8 +1,9 @@
 """SoftDistill: the student matches the teacher's whole next-token distribution (Hinton et al. 2015).
 
 ``loss = (1 - ce_weight) * D(p_teacher, p_student; T) + ce_weight * CE(real text)``, with D one of the
-divergences in :mod:`lightning_distill.losses`. ``ce_weight=1`` is plain fine-tuning with the teacher unused (the CE-only
-baseline every comparison needs; the teacher is then only used for validation metrics), ``ce_weight=0`` pure distillation.
+divergences in :mod:`lightning_distill.losses`. ``ce_weight=1`` is plain fine-tuning with the teacher unused in
+training (the CE-only baseline every comparison needs; the teacher then only serves validation metrics), and
+``ce_weight=0`` is pure distillation.
 """
 
 from __future__ import annotations
