@@ -55,13 +55,12 @@ def load_checkpoint(path: str) -> DistillModule:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-distill`` and ``python -m lightning_distill``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
-    if argv and argv[0] == "export":
-        export(argv[1:])
-        return
-    if argv and argv[0] == "demo":
+    words = sys.argv[1:] if argv is None else list(argv)
+    if words and words[0] == "export":
+        export(words[1:])
+    elif words and words[0] == "demo":
         from lightning_distill.demo import main as demo_main
 
-        demo_main(argv[1:])
-        return
-    DistillCLI(args=argv)
+        demo_main(words[1:])
+    else:
+        DistillCLI(args=argv)  # None: LightningCLI reads sys.argv itself

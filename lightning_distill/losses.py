@@ -128,9 +128,8 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 """Per-token divergences ``fn(student_logp (N, V), teacher_logp (N, V), **params) -> (N,)`` by name."""
 
 
-def divergence_per_token(
-    name: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0, **params: float
-) -> Tensor:
+def divergence_per_token(name: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
+                         **params: float) -> Tensor:
     """Per-token divergence ``name`` between tempered softmaxes, already multiplied by ``temperature**2``.
 
     Args:
@@ -236,12 +235,7 @@ def tvd(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = 
 
 
 LOSSES: dict[str, Callable[..., Tensor]] = {
-    "forward_kl": forward_kl,
-    "reverse_kl": reverse_kl,
-    "generalized_jsd": generalized_jsd,
-    "skew_kl": skew_kl,
-    "skew_reverse_kl": skew_reverse_kl,
-    "tvd": tvd,
+    fn.__name__: fn for fn in (forward_kl, reverse_kl, generalized_jsd, skew_kl, skew_reverse_kl, tvd)
 }
 """The dense losses above by name (the keys of :data:`DIVERGENCES`)."""
 
@@ -270,17 +264,9 @@ def cross_entropy(student_logits: Tensor, labels: Tensor, *, num_tokens: NumToke
     return reduce_tokens(cross_entropy_per_token(student_logits, labels), labels, num_tokens)
 
 
-def distill_loss(
-    student_logits: Tensor,
-    teacher_logits: Tensor | None,
-    labels: Tensor | None,
-    *,
-    divergence: str = "forward_kl",
-    ce_weight: float = 0.0,
-    temperature: float = 1.0,
-    num_tokens: NumTokens = None,
-    **params: float,
-) -> dict[str, Tensor]:
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None, *,
+                 divergence: str = "forward_kl", ce_weight: float = 0.0, temperature: float = 1.0,
+                 num_tokens: NumTokens = None, **params: float) -> dict[str, Tensor]:
     """``loss = (1 - ce_weight) * KD + ce_weight * CE(labels)`` on full logits; the same from hidden states,
     never holding (N, V) logits, is :func:`lightning_distill.chunked.chunked_distill_loss`.
 

@@ -1,0 +1,351 @@
+"""Tests of lightning_distill.losses: each divergence against an independent float64 reference written from its
+formula, property tests (zero on identical inputs, JSD symmetry and endpoints, temperature), gradients
+(gradcheck), masking and normalization, dtypes, sparse targets and their samplers."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from lightning_distill import losses
+
+N, V = 6, 11
+CASES = [  # (name, params) covering every divergence, the JSD and skew endpoints included
+    ("forward_kl", {}),
+    ("reverse_kl", {}),
+    ("generalized_jsd", {"beta": 0.5}),
+    ("generalized_jsd", {"beta": 0.2}),
+    ("generalized_jsd", {"beta": 0.0}),
+    ("generalized_jsd", {"beta": 1.0}),
+    ("skew_kl", {"alpha": 0.1}),
+    ("skew_kl", {"alpha": 0.0}),
+    ("skew_reverse_kl", {"alpha": 0.3}),
+    ("skew_reverse_kl", {"alpha": 1.0}),
+    ("tvd", {}),
+]
+IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items())}" for name, params in CASES]
+
+
+def make(seed: int = 0, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (N, V)):
+    """Student logits, teacher logits (sharper), and labels with two masked positions."""
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    teacher = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    labels.view(-1)[[1, 4]] = losses.IGNORE_INDEX
+    return student, teacher, labels
+
+
+# ------------------------------------------------------------------------- independent float64 reference
+def softmax64(row: torch.Tensor, temperature: float) -> list[float]:
+    z = [float(x) / temperature for x in row]
+    top = max(z)
+    e = [math.exp(x - top) for x in z]
+    return [x / sum(e) for x in e]
+
+
+def kl64(p: list[float], q: list[float]) -> float:
+    return sum(pi * math.log(pi / qi) for pi, qi in zip(p, q, strict=True) if pi > 0)
+
+
+def mix64(w: float, a: list[float], b: list[float]) -> list[float]:
+    return [w * x + (1 - w) * y for x, y in zip(a, b, strict=True)]
+
+
+def reference_token(name: str, s: torch.Tensor, t: torch.Tensor, temperature: float, params: dict) -> float:
+    ps, pt = softmax64(s, temperature), softmax64(t, temperature)
+    if name == "forward_kl":
+        d = kl64(pt, ps)
+    elif name == "reverse_kl":
+        d = kl64(ps, pt)
+    elif name == "generalized_jsd":
+        beta = params["beta"]
+        if beta in (0.0, 1.0):  # endpoints by convention (TRL): the plain KLs
+            d = kl64(pt, ps) if beta == 0 else kl64(ps, pt)
+        else:
+            m = mix64(beta, pt, ps)
+            d = beta * kl64(pt, m) + (1 - beta) * kl64(ps, m)
+    elif name == "skew_kl":
+        d = kl64(pt, mix64(params["alpha"], pt, ps))
+    elif name == "skew_reverse_kl":
+        d = kl64(ps, mix64(1 - params["alpha"], pt, ps))
+    else:
+        d = 0.5 * sum(abs(a - b) for a, b in zip(pt, ps, strict=True))
+    return d * temperature**2
+
+
+def reference_loss(name, student, teacher, labels, temperature=1.0, params=None, num_tokens=None) -> float:
+    s, t = student.reshape(-1, student.shape[-1]), teacher.reshape(-1, teacher.shape[-1])
+    keep = [i for i in range(s.shape[0]) if labels is None or int(labels.reshape(-1)[i]) != -100]
+    total = sum(reference_token(name, s[i], t[i], temperature, params or {}) for i in keep)
+    return total / (num_tokens if num_tokens is not None else max(len(keep), 1))
+
+
+# ------------------------------------------------------------------------------------------ dense losses
+@pytest.mark.parametrize("temperature", [1.0, 2.5])
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_matches_float64_reference(name, params, temperature):
+    student, teacher, labels = make()
+    got = losses.get_loss(name)(student, teacher, labels, temperature=temperature, **params)
+    assert got.dtype == torch.float32 and got.shape == ()
+    want = reference_loss(name, student, teacher, labels, temperature, params)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_identical_inputs_give_zero(name, params):
+    student, _, labels = make()
+    assert losses.get_loss(name)(student, student.clone(), labels, **params).item() == pytest.approx(0, abs=1e-6)
+
+
+def test_jsd_is_symmetric_at_half():
+    student, teacher, labels = make()
+    forward = losses.generalized_jsd(student, teacher, labels, beta=0.5)
+    swapped = losses.generalized_jsd(teacher, student, labels, beta=0.5)
+    torch.testing.assert_close(forward, swapped)
+
+
+def test_jsd_endpoints_are_the_kls():
+    student, teacher, labels = make()
+    assert losses.generalized_jsd(student, teacher, labels, beta=0.0) == losses.forward_kl(student, teacher, labels)
+    assert losses.generalized_jsd(student, teacher, labels, beta=1.0) == losses.reverse_kl(student, teacher, labels)
+    assert losses.skew_kl(student, teacher, labels, alpha=0.0) == losses.forward_kl(student, teacher, labels)
+    assert losses.skew_reverse_kl(student, teacher, labels, alpha=0.0) == losses.reverse_kl(student, teacher, labels)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_temperature_divides_logits_and_scales_by_its_square(name, params):
+    student, teacher, labels = make()
+    fn = losses.get_loss(name)
+    hot = fn(student, teacher, labels, temperature=2.0, **params)
+    torch.testing.assert_close(hot, 4 * fn(student / 2, teacher / 2, labels, **params))
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_gradcheck_float64(name, params):
+    student, teacher, labels = make(dtype=torch.float64)
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    fn = losses.get_loss(name)
+    assert fn(student, teacher, labels, **params).dtype == torch.float64  # the upcast keeps float64
+    assert torch.autograd.gradcheck(lambda s, t: fn(s, t, labels, temperature=1.5, **params), (student, teacher))
+
+
+def test_masked_positions_do_not_count():
+    student, teacher, labels = make()
+    changed = student.clone()
+    changed[[1, 4]] = 100 * torch.randn(2, V)  # the masked rows
+    for name in losses.DIVERGENCES:
+        fn = losses.get_loss(name)
+        torch.testing.assert_close(fn(student, teacher, labels), fn(changed, teacher, labels))
+    kept = labels != -100
+    torch.testing.assert_close(losses.forward_kl(student, teacher, labels),
+                               losses.forward_kl(student[kept], teacher[kept]))
+
+
+@pytest.mark.parametrize("name", list(losses.DIVERGENCES))
+def test_all_masked_gives_zero_and_backward_works(name):
+    student, teacher, _ = make()
+    student.requires_grad_(True)
+    labels = torch.full((N,), -100)
+    loss = losses.get_loss(name)(student, teacher, labels)
+    assert loss.item() == 0.0 and loss.requires_grad
+    loss.backward()
+    assert torch.equal(student.grad, torch.zeros_like(student))
+    assert losses.cross_entropy(student, labels).item() == 0.0
+
+
+def test_num_tokens_normalization():
+    student, teacher, labels = make()
+    mean = losses.forward_kl(student, teacher, labels)
+    valid = int((labels != -100).sum())
+    for num_tokens in (20, torch.tensor(20)):
+        got = losses.forward_kl(student, teacher, labels, num_tokens=num_tokens)
+        torch.testing.assert_close(got, mean * valid / 20)
+    assert losses.forward_kl(student, teacher, torch.full((N,), -100), num_tokens=0).item() == 0.0
+    expected = reference_loss("tvd", student, teacher, labels, num_tokens=20)
+    assert losses.tvd(student, teacher, labels, num_tokens=20).item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize(("name", "params"), CASES, ids=IDS)
+def test_bf16_inputs_are_computed_in_float32(name, params):
+    student, teacher, labels = make(dtype=torch.bfloat16)
+    fn = losses.get_loss(name)
+    got = fn(student, teacher, labels, temperature=2.0, **params)
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, fn(student.float(), teacher.float(), labels, temperature=2.0, **params))
+    want = reference_loss(name, student, teacher, labels, 2.0, params)
+    assert got.item() == pytest.approx(want, rel=1e-5, abs=1e-6)
+
+
+def test_batched_shape_equals_flat():
+    student, teacher, labels = make(shape=(2, 3, V))
+    for name in losses.DIVERGENCES:
+        fn = losses.get_loss(name)
+        flat = fn(student.reshape(-1, V), teacher.reshape(-1, V), labels.reshape(-1), temperature=2.0)
+        torch.testing.assert_close(fn(student, teacher, labels, temperature=2.0), flat)
+
+
+@pytest.mark.parametrize("name", ["forward_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd"])
+def test_one_hot_and_minus_inf_teacher_give_no_nan(name):
+    student, teacher, labels = make()
+    teacher[0] = -math.inf  # one-hot row
+    teacher[0, 3] = 0.0
+    teacher[2, :5] = -math.inf  # a row with some impossible tokens
+    student.requires_grad_(True)
+    teacher.requires_grad_(True)
+    loss = losses.get_loss(name)(student, teacher, labels)
+    loss.backward()
+    assert torch.isfinite(loss)
+    assert torch.isfinite(student.grad).all() and torch.isfinite(teacher.grad).all()
+    if name == "forward_kl":  # KL to a one-hot target is the cross-entropy of that token
+        one_hot = losses.forward_kl(student[:1], teacher[:1])
+        torch.testing.assert_close(one_hot, losses.cross_entropy(student[:1], torch.tensor([3])))
+
+
+def test_cross_entropy_matches_torch():
+    student, _, labels = make()
+    torch.testing.assert_close(losses.cross_entropy(student, labels), F.cross_entropy(student, labels))
+    valid = int((labels != -100).sum())
+    torch.testing.assert_close(losses.cross_entropy(student, labels, num_tokens=10),
+                               F.cross_entropy(student, labels) * valid / 10)
+
+
+def test_distill_loss_mixes_terms():
+    student, teacher, labels = make()
+    kd = losses.generalized_jsd(student, teacher, labels, temperature=2.0, beta=0.3)
+    ce = losses.cross_entropy(student, labels)
+    out = losses.distill_loss(student, teacher, labels, divergence="generalized_jsd", ce_weight=0.25,
+                              temperature=2.0, beta=0.3)
+    torch.testing.assert_close(out["kd"], kd)
+    torch.testing.assert_close(out["ce"], ce)
+    torch.testing.assert_close(out["loss"], 0.75 * kd + 0.25 * ce)
+    pure = losses.distill_loss(student, teacher, None)  # ce_weight 0: CE skipped, labels not needed
+    assert pure["ce"].item() == 0.0 and torch.equal(pure["loss"], losses.forward_kl(student, teacher))
+    fine_tune = losses.distill_loss(student, None, labels, ce_weight=1.0)  # teacher unused
+    assert fine_tune["kd"].item() == 0.0 and torch.equal(fine_tune["loss"], ce)
+
+
+def test_registries():
+    assert set(losses.LOSSES) == set(losses.DIVERGENCES)
+    assert set(losses.SPARSE_LOSSES) == set(losses.SPARSE_DIVERGENCES) == {"topk", "sampled"}
+    assert losses.get_loss("tvd") is losses.tvd
+
+
+@pytest.mark.parametrize(
+    ("call", "argument"),
+    [
+        (lambda s, t: losses.forward_kl(s, t, temperature=0.0), "temperature"),
+        (lambda s, t: losses.generalized_jsd(s, t, beta=1.5), "beta"),
+        (lambda s, t: losses.skew_kl(s, t, alpha=-0.1), "alpha"),
+        (lambda s, t: losses.skew_reverse_kl(s, t, alpha=2.0), "alpha"),
+        (lambda s, t: losses.get_loss("kl"), "name"),
+        (lambda s, t: losses.divergence_per_token("jsd", s, t), "divergence"),
+        (lambda s, t: losses.forward_kl(s, t[:, :5]), "teacher_logits"),
+        (lambda s, t: losses.forward_kl(s, t, torch.zeros(3, dtype=torch.long)), "labels"),
+        (lambda s, t: losses.forward_kl(s, t, num_tokens=-1), "num_tokens"),
+        (lambda s, t: losses.distill_loss(s, t, None, ce_weight=1.5), "ce_weight"),
+        (lambda s, t: losses.distill_loss(s, None, None), "teacher_logits"),
+        (lambda s, t: losses.distill_loss(s, t, None, ce_weight=0.5), "labels"),
+        (lambda s, t: losses.topk_teacher(t, V + 1), "k"),
+        (lambda s, t: losses.sample_teacher(t, 0), "num_samples"),
+        (lambda s, t: losses.topk_forward_kl(s, *losses.topk_teacher(t, 3), tail="drop"), "tail"),
+        (lambda s, t: losses.sparse_per_token("dense", s, *losses.topk_teacher(t, 3)), "kind"),
+        (lambda s, t: losses.sampled_kl(s, *losses.sample_teacher(t[:3], 4)), "target_ids"),
+    ],
+)
+def test_value_errors_name_the_argument(call, argument):
+    student, teacher, _ = make()
+    with pytest.raises(ValueError, match=f"`{argument}`"):
+        call(student, teacher)
+
+
+# ------------------------------------------------------------------------------------------ sparse targets
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_topk_with_full_vocabulary_equals_forward_kl(tail, temperature):
+    student, teacher, labels = make(shape=(2, 3, V))
+    ids, logprobs = losses.topk_teacher(teacher, V, temperature=temperature)
+    got = losses.topk_forward_kl(student, ids, logprobs, labels, temperature=temperature, tail=tail)
+    torch.testing.assert_close(got, losses.forward_kl(student, teacher, labels, temperature=temperature))
+
+
+def test_topk_partial_vocabulary():
+    student, teacher, labels = make()
+    ids, logprobs = losses.topk_teacher(teacher, 4)
+    renorm = losses.topk_forward_kl(student, ids, logprobs, labels, tail="renorm")
+    bucket = losses.topk_forward_kl(student, ids, logprobs, labels, tail="bucket")
+    dense = losses.forward_kl(student, teacher, labels)
+    assert torch.isfinite(renorm) and torch.isfinite(bucket) and not torch.isclose(renorm, bucket)
+    assert renorm >= 0 and 0 <= bucket <= dense + 1e-6  # coarse-graining never increases KL
+    same_ids, same_logprobs = losses.topk_teacher(student, 4)  # student == teacher: the bucketed KL is 0
+    assert losses.topk_forward_kl(student, same_ids, same_logprobs, tail="bucket").item() == pytest.approx(
+        0, abs=1e-6)
+
+
+@pytest.mark.parametrize("tail", ["renorm", "bucket"])
+def test_topk_gradcheck(tail):
+    student, teacher, labels = make(dtype=torch.float64)
+    ids, logprobs = losses.topk_teacher(teacher, 4, temperature=2.0)
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda s: losses.topk_forward_kl(s, ids, logprobs, labels, temperature=2.0, tail=tail), (student,))
+
+
+def test_topk_teacher():
+    _, teacher, _ = make(shape=(2, 3, V))
+    ids, logprobs = losses.topk_teacher(teacher, 5, temperature=2.0)
+    assert ids.shape == logprobs.shape == (2, 3, 5) and ids.dtype == torch.long
+    torch.testing.assert_close(logprobs, torch.log_softmax(teacher / 2, -1).gather(-1, ids))
+    assert (logprobs[..., :-1] >= logprobs[..., 1:]).all()
+
+
+def test_sample_teacher_merges_duplicates():
+    _, teacher, _ = make(shape=(2, 3, V))
+    ids, weights = losses.sample_teacher(teacher, 16, generator=torch.Generator().manual_seed(0))
+    assert ids.shape == weights.shape == (2, 3, 16) and ids.dtype == torch.long
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3))
+    for row_ids, row_w in zip(ids.reshape(-1, 16), weights.reshape(-1, 16), strict=True):
+        kept = row_ids[row_w > 0]
+        assert len(set(kept.tolist())) == len(kept)  # unique ids
+        assert torch.all((row_w * 16).round() == row_w * 16)  # counts / S
+    again = losses.sample_teacher(teacher, 16, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(again[0], ids) and torch.equal(again[1], weights)
+    # Many draws: the empirical distribution approaches the tempered teacher.
+    ids, weights = losses.sample_teacher(teacher[0, 0], 20000, temperature=2.0,
+                                         generator=torch.Generator().manual_seed(1))
+    empirical = torch.zeros(V).scatter_add_(0, ids, weights)
+    torch.testing.assert_close(empirical, torch.softmax(teacher[0, 0] / 2, -1), atol=0.015, rtol=0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_sampled_kl_gradient_is_unbiased(temperature):
+    student, teacher, _ = make(dtype=torch.float64)
+    student = student[:3].requires_grad_(True)
+    teacher = teacher[:3]
+    draws, samples = 2000, 8
+    ids, weights = losses.sample_teacher(teacher.expand(draws, 3, V), samples, temperature=temperature,
+                                         generator=torch.Generator().manual_seed(0))  # (D, 3, S)
+    # Mean over draws of each draw's loss (itself a mean over 3 tokens).
+    sampled = losses.sampled_kl(student.expand(draws, 3, V), ids, weights, temperature=temperature,
+                                num_tokens=draws * 3)
+    dense = losses.forward_kl(student, teacher, temperature=temperature)
+    (sampled_grad,) = torch.autograd.grad(sampled, student)
+    (dense_grad,) = torch.autograd.grad(dense, student)
+    torch.testing.assert_close(sampled_grad, dense_grad, atol=0.015, rtol=0)
+    # The value estimates the cross-entropy: forward KL plus the teacher's entropy (times T^2).
+    p_t = torch.softmax(teacher / temperature, -1)
+    entropy = -(p_t * p_t.log()).sum(-1).mean() * temperature**2
+    assert sampled.item() == pytest.approx((dense + entropy).item(), abs=0.05 * temperature**2)
+
+
+def test_sampled_kl_gradcheck_and_padding():
+    student, teacher, labels = make(dtype=torch.float64)
+    ids, weights = losses.sample_teacher(teacher, 6, generator=torch.Generator().manual_seed(0))
+    student.requires_grad_(True)
+    assert torch.autograd.gradcheck(lambda s: losses.sampled_kl(s, ids, weights, labels), (student,))
+    moved = ids.masked_fill(weights == 0, V - 1)  # padding slots may hold any id
+    torch.testing.assert_close(losses.sampled_kl(student, moved, weights), losses.sampled_kl(student, ids, weights))
