@@ -279,10 +279,23 @@ def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
 
 
+def bf16_is_fast() -> bool:
+    """Whether bfloat16 matrix math is native here: a CUDA device that supports it, or (without CUDA) a CPU with
+    bf16 instructions (oneDNN). Measured on an AVX512-BF16 CPU: the teacher's forward runs ~3x faster."""
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
 def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
+    if dtype == "auto":
+        return torch.bfloat16 if bf16_is_fast() else torch.float32
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype must be a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+        raise ValueError(f"dtype must be 'auto' or a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
     return value

@@ -50,7 +50,8 @@ class DistillModule(L.LightningModule):
             a teacher name is given only to build it; see ``labels``).
         student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher), a model name, or
             ``{"config": {...}}`` for a fresh random model.
-        teacher_dtype: dtype of a frozen teacher's weights (``"bfloat16"`` halves its memory on GPU); default
+        teacher_dtype: dtype of a frozen teacher's weights: ``"bfloat16"`` halves its memory and, on GPUs and
+            CPUs with bf16 units, runs it ~3x faster; ``"auto"`` picks bfloat16 where it is fast; default
             float32.
         learning_rate: peak learning rate of AdamW for the student.
         weight_decay: AdamW weight decay (not applied to biases and norms).
@@ -60,6 +61,8 @@ class DistillModule(L.LightningModule):
             memory on the (B, T, V) logits at the cost of recomputing each chunk in backward.
         tokenizer: model name whose tokenizer to use; default the teacher's (or the student's when it is a name
             and there is no teacher).
+        train_embeddings: train the student's token embeddings and output head (tied in SmolLM2). ``False``
+            keeps the teacher's vocabulary geometry fixed and trains only the transformer layers.
     """
 
     #: CoDistill trains its teacher; the other methods keep it frozen.
@@ -76,6 +79,7 @@ class DistillModule(L.LightningModule):
         min_lr_ratio: float = 0.1,
         chunk_size: int = 0,
         tokenizer: str | None = None,
+        train_embeddings: bool = True,
     ) -> None:
         super().__init__()
         student = {"from_teacher": {"layers": 6}} if student is None else student
@@ -100,6 +104,7 @@ class DistillModule(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.chunk_size = chunk_size
+        self.train_embeddings = train_embeddings
         self.tokenizer_name = tokenizer or (teacher if isinstance(teacher, str) else student)
         if not isinstance(self.tokenizer_name, str):
             raise ValueError("neither teacher nor student is a model name: set tokenizer= to a model name")
@@ -128,13 +133,16 @@ class DistillModule(L.LightningModule):
             spec = {"config": {"vocab_size": len(self.tokenizer), **self.teacher_name.get("config", {})}}
             teacher = build_student(spec)
         elif self.teacher_name is not None:
-            teacher = load_model(self.teacher_name, None if self.trains_teacher else self.teacher_dtype)
+            teacher = load_model(self.teacher_name)  # fp32 first: a from_teacher student copies exact weights
         self.student = build_student(self.student_spec, teacher)
+        if not self.train_embeddings:
+            self.student.get_input_embeddings().requires_grad_(False)
+            self.student.get_output_embeddings().requires_grad_(False)
         if isinstance(self.student_spec, str) and teacher is not None:
             check_tokenizers(self.tokenizer, load_tokenizer(self.student_spec), self.teacher_name,
                              self.student_spec, teacher.config.vocab_size, self.student.config.vocab_size)
         if teacher is not None and self.needs_teacher():
-            self.teacher = teacher.train() if self.trains_teacher else freeze(teacher)
+            self.teacher = teacher.train() if self.trains_teacher else freeze(teacher.to(_as_dtype(self.teacher_dtype)))
             if not self.trains_teacher:  # DDP must neither broadcast nor all-reduce a frozen teacher
                 self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in teacher.named_parameters()]
                 self._ddp_params_and_buffers_to_ignore += [f"teacher.{n}" for n, _ in teacher.named_buffers()]
@@ -291,6 +299,13 @@ class DistillModule(L.LightningModule):
         from stored labels)."""
         return self.teacher_logits(batch["input_ids"]) if self.teacher is not None else None
 
+    def on_validation_epoch_start(self) -> None:
+        # Fresh metric states as normal tensors: states created under inference mode (by `trainer.validate`)
+        # could not be updated later by the validation inside `trainer.fit`.
+        with torch.inference_mode(False):
+            for metric in self.val_metrics.values():
+                metric.reset()
+
     def on_validation_epoch_end(self) -> None:
         for key, metric in self.val_metrics.items():
             if not metric.update_called:
@@ -301,7 +316,6 @@ class DistillModule(L.LightningModule):
             if name in ("ce", "teacher_ce"):
                 ppl_name = "ppl" if name == "ce" else "teacher_ppl"
                 self.log(f"{prefix}/{ppl_name}", torch.exp(value.clamp(max=30)), prog_bar=key == "val/ce")
-            metric.reset()
 
     # -------------------------------------------------------------------------------------------- optimizer
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:

@@ -121,3 +121,16 @@ def test_bad_arguments_name_themselves(tiny_teacher_dir):
         SoftDistill(teacher=tiny_teacher_dir, chunk_size=-1)
     with pytest.raises(ValueError, match="needs a teacher"):
         SoftDistill(teacher=None, student={"from_teacher": {"layers": 2}})
+
+
+def test_validate_then_fit_then_validate(tiny_teacher_dir, tmp_path):
+    """The demo's sequence: metrics created by `validate` must keep working inside `fit`."""
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
+    data = tiny_data(ood_corpus="builtin:shakespeare")
+    trainer = tiny_trainer(tmp_path, max_steps=2, val_check_interval=1)
+    trainer.validate(model, data, verbose=False)
+    before = float(trainer.callback_metrics["val/ppl"])
+    trainer.fit(model, data)
+    trainer.validate(model, data, verbose=False)
+    assert float(trainer.callback_metrics["val/ppl"]) != before
+    assert "val_ood/kl" in trainer.callback_metrics

@@ -1,0 +1,223 @@
+"""The method comparison table: every distillation method at equal budgets and seeds on the embedded default.
+
+SmolLM2-135M-Instruct teacher -> 6-layer depth-pruned student (~49.5M parameters), built-in corpus
+(``builtin:python-docs``), out-of-domain text ``builtin:shakespeare``. For each method and budget it records the
+student's validation perplexity in domain and out of domain, KL(teacher || student), top-1 agreement with the
+teacher, the teacher storage per token the method needs, and wall time, plus validation perplexity against steps.
+
+    python benchmarks/quality.py                                # both budgets, every method (~45 min on 2 cores)
+    python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl   # a subset
+
+Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
+on a subset of the documents (the ranking of methods can change when the data repeats). Writes
+``benchmarks/results/quality.{json,md,png}``. All runs use bf16 where the CPU/GPU has native bf16 (else fp32).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+
+from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
+from lightning_distill.backbone import bf16_is_fast
+
+RESULTS = Path(__file__).parent / "results"
+VOCAB_BYTES_FP32 = 49152 * 4
+
+
+@dataclass
+class Method:
+    """One row of the table: a module class, its arguments, and the teacher storage it needs per token."""
+
+    cls: type
+    kwargs: dict[str, Any]
+    storage: str  # what the method needs from the teacher, per token
+    uses_frozen_teacher: bool = True
+
+
+def default_methods() -> dict[str, Method]:
+    soft = SoftDistill
+    return {
+        "ce_only": Method(soft, {"ce_weight": 1.0}, "nothing (no teacher)"),
+        "soft_fkl": Method(soft, {}, f"live logits ({VOCAB_BYTES_FP32:,} B fp32 if stored)"),
+        "soft_pure_fkl": Method(soft, {"ce_weight": 0.0}, "live logits"),
+        "soft_jsd": Method(soft, {"loss": "generalized_jsd", "beta": 0.5}, "live logits"),
+        "hard_top1": Method(HardDistill, {"mode": "top1", "ce_weight": 0.5}, "2 B (one uint16 id)"),
+        "hard_generate": Method(HardDistill, {"mode": "generate", "prompt_tokens": 32, "max_new_tokens": 96},
+                                "2 B per generated token"),
+        "co_distill": Method(CoDistill, {"schedule": "linear", "kd_weight": 0.5, "ramp_steps": 20,
+                                         "teacher_learning_rate": 2e-5}, "live logits of a trained teacher",
+                             uses_frozen_teacher=False),
+    }
+
+
+@dataclass
+class Budget:
+    steps: int
+    batch_size: int
+    val_every: int
+    max_documents: int | None  # None: the whole corpus
+    label: str = field(default="")
+
+
+BUDGETS = {
+    "short": Budget(steps=40, batch_size=4, val_every=10, max_documents=None,
+                    label="40 steps x 4x128 tokens on the whole corpus (~0.2 epoch)"),
+    "multi_epoch": Budget(steps=120, batch_size=4, val_every=30, max_documents=16,
+                          label="120 steps x 4x128 tokens on 16 documents (~3 epochs)"),
+}
+
+
+class History(L.Callback):
+    """Validation metrics after every validation run, with the step they were taken at."""
+
+    def __init__(self) -> None:
+        self.rows: list[dict[str, float]] = []
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking:
+            return
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
+        self.rows.append({"step": trainer.global_step, **metrics})
+
+
+class TeacherCache:
+    """The frozen teacher's validation logits, computed once and shared by every method (identical inputs and a
+    frozen, deterministic teacher give identical logits). Keeps validation from dominating the benchmark."""
+
+    def __init__(self) -> None:
+        self.store: dict[str, torch.Tensor] = {}
+
+    def wrap(self, module: SoftDistill | HardDistill) -> None:
+        original = module.validation_teacher_logits
+
+        def cached(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+            key = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
+            if key not in self.store:
+                logits = original(batch)
+                if logits is None:
+                    return None
+                self.store[key] = logits.to(torch.bfloat16)
+            return self.store[key].to(module.device)
+
+        module.validation_teacher_logits = cached
+
+
+def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: int, workdir: Path) -> dict[str, Any]:
+    L.seed_everything(seed, verbose=False)
+    fast = bf16_is_fast()
+    model = method.cls(teacher_dtype="auto", **method.kwargs)
+    data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
+                             batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed)
+    if method.uses_frozen_teacher:
+        cache.wrap(model)
+    history = History()
+    trainer = L.Trainer(max_steps=budget.steps, val_check_interval=budget.val_every, check_val_every_n_epoch=None,
+                        limit_val_batches=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[history],
+                        precision="bf16-mixed" if fast else "32-true", default_root_dir=str(workdir / name))
+    trainer.validate(model, data, verbose=False)
+    history.rows[-1]["step"] = 0
+    start = time.perf_counter()
+    trainer.fit(model, data)
+    wall = time.perf_counter() - start
+    final = history.rows[-1]
+    print(f"[quality] {name}: in-domain ppl {final['val/ppl']:.1f}, ood ppl {final['val_ood/ppl']:.1f}, "
+          f"kl {final['val/kl']:.3f}, agreement {final['val/agreement']:.3f}, {wall:.0f} s", flush=True)
+    return {"method": name, "storage": method.storage, "wall_s": wall, "final": final, "history": history.rows,
+            "train_blocks": len(data.train_blocks)}
+
+
+def markdown(results: dict[str, list[dict[str, Any]]], machine: str, command: str) -> str:
+    lines = [f"Machine: {machine}. Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.", ""]
+    for budget_name, rows in results.items():
+        lines += [f"**{budget_name}**: {BUDGETS[budget_name].label}", "",
+                  "| method | ppl in domain | ppl Shakespeare | KL(teacher‖student) | top-1 agreement | "
+                  "teacher storage / token | train wall time |",
+                  "|---|---:|---:|---:|---:|---|---:|"]
+        teacher = rows[0]["final"]
+        lines.append(f"| *teacher* | {teacher['val/teacher_ppl']:.1f} | {teacher['val_ood/teacher_ppl']:.1f} | 0 | 1 "
+                     "| | |")
+        start = rows[0]["history"][0]
+        lines.append(f"| *student as pruned* | {start['val/ppl']:.3g} | {start['val_ood/ppl']:.3g} | "
+                     f"{start['val/kl']:.2f} | {start['val/agreement']:.3f} | | |")
+        for row in rows:
+            f = row["final"]
+            lines.append(f"| {row['method']} | {f['val/ppl']:.1f} | {f['val_ood/ppl']:.1f} | {f['val/kl']:.3f} | "
+                         f"{f['val/agreement']:.3f} | {row['storage']} | {row['wall_s']:.0f} s |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    for row_axes, (budget_name, rows) in zip(axes, results.items(), strict=True):
+        for ax, key, title in ((row_axes[0], "val/ppl", "in domain (Python docs)"),
+                               (row_axes[1], "val_ood/ppl", "out of domain (Shakespeare)")):
+            for row in rows:
+                steps = [h["step"] for h in row["history"]]
+                ax.plot(steps, [h[key] for h in row["history"]], marker="o", label=row["method"])
+            ax.axhline(rows[0]["final"][key.replace("/ppl", "/teacher_ppl")], color="k", ls="--", label="teacher")
+            ax.set_yscale("log")
+            ax.set_xlabel("optimizer step")
+            ax.set_ylabel("validation perplexity")
+            ax.set_title(f"{budget_name}: {title}")
+        row_axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--methods", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--budgets", default="short,multi_epoch")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "quality"), help="output path without extension")
+    parser.add_argument("--set", action="append", default=[], metavar="METHOD.ARG=VALUE",
+                        help="override a method argument, e.g. soft_fkl.temperature=2 (JSON values)")
+    args = parser.parse_args(argv)
+    methods = default_methods()
+    for item in args.set:
+        target, value = item.split("=", 1)
+        method_name, arg = target.split(".", 1)
+        methods[method_name].kwargs[arg] = json.loads(value)
+    names = list(methods) if args.methods == "all" else args.methods.split(",")
+    machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
+               f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
+               f"precision {'bf16-mixed' if bf16_is_fast() else 'fp32'}")
+    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    cache = TeacherCache()
+    results: dict[str, list[dict[str, Any]]] = {}
+    workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "ld_quality"
+    for budget_name in args.budgets.split(","):
+        results[budget_name] = [run(n, methods[n], BUDGETS[budget_name], cache, args.seed, workdir) for n in names]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"machine": machine, "command": command, "date": time.strftime("%Y-%m-%d"),
+               "budgets": {k: BUDGETS[k].label for k in results},
+               "methods": {n: {"class": methods[n].cls.__name__, **methods[n].kwargs} for n in names},
+               "results": results}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    out.with_suffix(".md").write_text(markdown(results, machine, command))
+    plot(results, out.with_suffix(".png"))
+    print(out.with_suffix(".md").read_text())
+
+
+if __name__ == "__main__":
+    main()

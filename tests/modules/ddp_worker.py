@@ -1,0 +1,49 @@
+"""Run by tests/modules/test_ddp.py as `python ddp_worker.py TEACHER_DIR OUT_JSON`: a 2-process DDP fit of
+SoftDistill on CPU (gloo). Lightning's DDP launcher re-runs this script once per extra rank."""
+
+import json
+import sys
+
+import lightning as L
+import torch
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest helpers
+from conftest import TINY_STUDENT, tiny_data  # noqa: E402
+
+from lightning_distill import SoftDistill  # noqa: E402
+
+
+class Inspect(L.Callback):
+    def on_train_start(self, trainer, pl_module):
+        ddp = trainer.strategy.model  # the DistributedDataParallel wrapper
+        reduced = {id(p) for p in ddp._module_parameters}
+        self.report = {
+            "wrapped": type(ddp).__name__,
+            "teacher_in_buckets": any(id(p) in reduced for p in pl_module.teacher.parameters()),
+            "teacher_ignored": all(f"teacher.{n}" in ddp.parameters_to_ignore
+                                   for n, _ in pl_module.teacher.named_parameters()),
+            "student_in_buckets": all(id(p) in reduced for p in pl_module.student.parameters()),
+        }
+
+
+def main() -> None:
+    teacher_dir, out = sys.argv[1], sys.argv[2]
+    torch.manual_seed(0)
+    model = SoftDistill(teacher=teacher_dir, student=TINY_STUDENT, ce_weight=0.5)
+    inspect = Inspect()
+    trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=1,
+                        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[inspect])
+    trainer.fit(model, tiny_data())
+    weights = [p.detach().clone() for p in model.student.parameters()]
+    gathered = trainer.strategy.all_gather(torch.stack([w.sum() for w in weights]))
+    if trainer.global_rank == 0:
+        report = {**inspect.report, "world_size": trainer.world_size, "global_step": trainer.global_step,
+                  "ranks_agree": bool(torch.allclose(gathered[0], gathered[1])),
+                  "loss": float(trainer.callback_metrics["train/loss"])}
+        with open(out, "w") as f:
+            json.dump(report, f)
+
+
+if __name__ == "__main__":
+    main()
