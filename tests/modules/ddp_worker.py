@@ -8,9 +8,9 @@ import lightning as L
 import torch
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest helpers
-from conftest import TINY_STUDENT, tiny_data  # noqa: E402
+from conftest import TINY_STUDENT, tiny_data
 
-from lightning_distill import SoftDistill  # noqa: E402
+from lightning_distill import SoftDistill
 
 
 class Inspect(L.Callback):
