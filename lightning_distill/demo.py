@@ -17,6 +17,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lightning_distill.backbone import bf16_is_fast
 from lightning_distill.data import DistillDataModule
 from lightning_distill.modules import SoftDistill
 
@@ -44,12 +45,15 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     out = Path(args.out)
     console = Console()
     device = "CUDA" if torch.cuda.is_available() else f"{torch.get_num_threads()} CPU threads"
+    device += ", bf16" if bf16_is_fast() else ", fp32"
     console.print(f"[bold]lightning-distill demo[/]: {args.teacher} -> {args.layers}-layer student, "
                   f"{args.steps} steps of {args.batch_size}x{args.block_size} tokens on {device}")
     model = SoftDistill(teacher=args.teacher, student={"from_teacher": {"layers": args.layers}})
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare",
                              block_size=args.block_size, batch_size=args.batch_size)
-    trainer = L.Trainer(max_steps=args.steps, limit_val_batches=args.val_batches, val_check_interval=None,
+    precision = "bf16-mixed" if bf16_is_fast() else "32-true"
+    trainer = L.Trainer(max_steps=args.steps, precision=precision, limit_val_batches=args.val_batches,
+                        val_check_interval=None,
                         check_val_every_n_epoch=None, logger=False, default_root_dir=str(out),
                         enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=5)
     before = validate(trainer, model, data)

@@ -9,13 +9,16 @@ either frozen (a signal source) or trained alongside (CoDistill). It owns
 - the one place where the student's hidden states meet its output head and the loss (:meth:`student_loss`),
   chunked over positions when ``chunk_size > 0`` so that (B, T, V) logits are never held;
 - token-exact normalization over a gradient-accumulation window (and over DDP ranks);
-- validation metrics logged under the same names by every method; AdamW with warmup + cosine decay; export.
+- validation metrics logged under the same names by every method; AdamW with warmup + cosine decay; export;
+- the teacher's signal for the label writer (:meth:`predict_step`), and reading it back: a method with
+  ``labels=PATH`` never keeps a teacher in memory and takes its signal from ``batch["teacher"]``.
 """
 
 from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import lightning as L
@@ -25,6 +28,7 @@ from torchmetrics import MeanMetric
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_distill import chunked, losses
+from lightning_distill import labels as stored_labels
 from lightning_distill.backbone import (
     DEFAULT_TEACHER,
     _as_dtype,
@@ -35,6 +39,9 @@ from lightning_distill.backbone import (
     load_tokenizer,
     resolve_model_path,
 )
+
+# A frozen teacher is in eval mode on purpose; Lightning warns about eval-mode modules at fit start.
+warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
 IGNORE_INDEX = -100
 #: token-weighted validation means; ``ce`` and ``teacher_ce`` are also logged as perplexities
@@ -51,7 +58,8 @@ class DistillModule(L.LightningModule):
         student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher), a model name, or
             ``{"config": {...}}`` for a fresh random model.
         teacher_dtype: dtype of a frozen teacher's weights: ``"bfloat16"`` halves its memory and, on GPUs and
-            CPUs with bf16 units, runs it ~3x faster; ``"auto"`` picks bfloat16 where it is fast; default
+            CPUs with bf16 units, runs it ~3x faster; ``"auto"`` (default) picks bfloat16 where it is native,
+            else float32; ``None`` keeps
             float32.
         learning_rate: peak learning rate of AdamW for the student.
         weight_decay: AdamW weight decay (not applied to biases and norms).
@@ -67,12 +75,16 @@ class DistillModule(L.LightningModule):
 
     #: CoDistill trains its teacher; the other methods keep it frozen.
     trains_teacher: bool = False
+    #: folder of a label store when the teacher signal is read from disk (SoftDistill / HardDistill ``labels=``)
+    labels: str | None = None
+    #: that store's manifest, read in :meth:`setup`
+    label_manifest: dict[str, Any] | None = None
 
     def __init__(
         self,
         teacher: str | dict[str, Any] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
-        teacher_dtype: str | None = None,
+        teacher_dtype: str | None = "auto",
         learning_rate: float = 5e-4,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
@@ -122,17 +134,19 @@ class DistillModule(L.LightningModule):
     # ----------------------------------------------------------------------------------------------- models
     def needs_teacher(self) -> bool:
         """Whether this run keeps a teacher in memory (False when the signal comes from stored labels)."""
-        return self.teacher_name is not None
+        return self.teacher_name is not None and self.labels is None
 
     def configure_model(self) -> None:
-        """Build (once) the tokenizer, the teacher and the student; idempotent, as Lightning asks."""
+        """Build (once) the tokenizer, the teacher and the student; idempotent, as Lightning asks. Without
+        :meth:`needs_teacher`, a named teacher is loaded only to build a ``from_teacher`` student, then dropped."""
         if self.student is not None:
             return
         teacher = None
+        prunes_teacher = isinstance(self.student_spec, dict) and "from_teacher" in self.student_spec
         if isinstance(self.teacher_name, dict):  # a fresh random teacher (CoDistill), sized to the tokenizer
             spec = {"config": {"vocab_size": len(self.tokenizer), **self.teacher_name.get("config", {})}}
             teacher = build_student(spec)
-        elif self.teacher_name is not None:
+        elif self.teacher_name is not None and (self.needs_teacher() or prunes_teacher):
             teacher = load_model(self.teacher_name)  # fp32 first: a from_teacher student copies exact weights
         self.student = build_student(self.student_spec, teacher)
         if not self.train_embeddings:
@@ -146,6 +160,22 @@ class DistillModule(L.LightningModule):
             if not self.trains_teacher:  # DDP must neither broadcast nor all-reduce a frozen teacher
                 self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in teacher.named_parameters()]
                 self._ddp_params_and_buffers_to_ignore += [f"teacher.{n}" for n, _ in teacher.named_buffers()]
+
+    def setup(self, stage: str) -> None:
+        """With ``labels``: read the store's manifest and let the method check that it can train from it."""
+        if self.labels is not None and self.label_manifest is None:
+            self.label_manifest = stored_labels.read_manifest(self.labels)
+            self.check_labels(self.label_manifest)
+
+    def check_labels(self, manifest: dict[str, Any]) -> None:
+        """Raise ``ValueError`` naming the argument to change when the store cannot feed this method."""
+
+    def stored_signal(self, batch: dict[str, Any]) -> dict[str, Tensor]:
+        """The stored labels of a batch (``labels`` mode), or a clear error when the loader did not attach them."""
+        if "teacher" not in batch:
+            raise RuntimeError(f"labels={self.labels!r} is set but the batch carries no stored labels: train with "
+                               "DistillDataModule, which attaches them by block_idx")
+        return batch["teacher"]
 
     @property
     def max_positions(self) -> int | None:
@@ -199,7 +229,8 @@ class DistillModule(L.LightningModule):
             input_ids: (B, T) student input.
             targets: (B, T) token ids the student should predict (real text, or teacher picks), -100 masked.
             teacher: teacher signal aligned with ``input_ids`` (position t predicts token t + 1): logits (B, T, V),
-                or hard picks (B, T) long (then KD is cross-entropy on the picks); unused when ``ce_weight == 1``.
+                stored :class:`~lightning_distill.losses.SparseTargets` (B, T, K) (top-k or sampled), or hard
+                picks (B, T) long (then KD is cross-entropy on the picks); unused when ``ce_weight == 1``.
             divergence: name in :data:`losses.DIVERGENCES`.
             ce_weight: ``loss = (1 - ce_weight) * KD + ce_weight * CE(targets)``.
             temperature: softening temperature of the KD term.
@@ -214,7 +245,8 @@ class DistillModule(L.LightningModule):
         labels = targets[:, 1:]  # (B, T-1)
         tokens = (labels != IGNORE_INDEX).sum()
         teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
-        if teacher is not None and not teacher.is_floating_point():  # hard picks: KD is CE on the teacher's ids
+        sparse = isinstance(teacher, losses.SparseTargets)
+        if teacher is not None and not sparse and not teacher.is_floating_point():  # hard picks: CE on their ids
             picks = teacher.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
             kd = self._head_loss(hidden, None, picks, ce_weight=1.0)["ce"]
             ce = self._head_loss(hidden, None, labels, ce_weight=1.0)["ce"] if ce_weight > 0 else kd.new_zeros(())
@@ -224,7 +256,8 @@ class DistillModule(L.LightningModule):
                                   temperature=temperature, **params)
         return {**out, "tokens": tokens}
 
-    def _head_loss(self, hidden: Tensor, teacher: Tensor | None, labels: Tensor, **kwargs: Any) -> dict[str, Tensor]:
+    def _head_loss(self, hidden: Tensor, teacher: Tensor | losses.SparseTargets | None, labels: Tensor,
+                   **kwargs: Any) -> dict[str, Tensor]:
         """Student output head + loss on (B, T', H) hidden states, chunked when ``chunk_size > 0``."""
         head = self.student.get_output_embeddings()
         if self.chunk_size > 0:
@@ -290,6 +323,9 @@ class DistillModule(L.LightningModule):
             agree = (student.argmax(-1) == teacher.argmax(-1)) & mask
             values["agreement"] = agree.sum() / mask.sum().clamp(min=1)
             values["teacher_ce"] = losses.cross_entropy(teacher, labels)
+        elif self.label_manifest is not None and "teacher" in batch:  # stored labels of the validation split
+            stored = stored_labels.shifted(batch["teacher"])
+            values.update(stored_labels.stored_metrics(student, stored, labels, self.label_manifest["temperature"]))
         weight = mask.sum().float()
         for name, value in values.items():
             self.val_metrics[f"{prefix}/{name}"].update(value.detach().float(), weight)
@@ -316,6 +352,16 @@ class DistillModule(L.LightningModule):
             if name in ("ce", "teacher_ce"):
                 ppl_name = "ppl" if name == "ce" else "teacher_ppl"
                 self.log(f"{prefix}/{ppl_name}", torch.exp(value.clamp(max=30)), prog_bar=key == "val/ce")
+
+    # ----------------------------------------------------------------------------------------------- predict
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+        """The teacher's signal of a batch, which :class:`~lightning_distill.callbacks.LabelWriter` stores:
+        ``{"block_idx": (B,), "logits": (B, T, V)}``."""
+        return {"block_idx": batch["block_idx"], "logits": self.teacher_logits(batch["input_ids"])}
+
+    def label_settings(self) -> dict[str, Any]:
+        """What a label store records about the teacher that wrote it."""
+        return {"teacher": self.teacher_name, "teacher_dtype": self.teacher_dtype}
 
     # -------------------------------------------------------------------------------------------- optimizer
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
