@@ -24,6 +24,7 @@ from torch.utils.checkpoint import checkpoint
 
 from lightning_distill.losses import (
     NumTokens,
+    SparseTargets,
     cross_entropy_per_token,
     divergence_per_token,
     reduce_tokens,
@@ -87,7 +88,7 @@ def _chunked(
 def chunked_distill_loss(
     student_hidden: Tensor,
     student_head: Head,
-    teacher_logits: Tensor | None,
+    teacher_logits: Tensor | SparseTargets | None,
     labels: Tensor | None,
     *,
     divergence: str = "forward_kl",
@@ -110,7 +111,8 @@ def chunked_distill_loss(
         student_hidden: (B, T, H) or (N, H) final hidden states of the student (after its last norm).
         student_head: the output layer (``model.get_output_embeddings()``, an ``nn.Linear``), or its (V, H)
             weight.
-        teacher_logits: (B, T, V) or (N, V), or ``None`` (``ce_weight == 1``, or the hidden-state path).
+        teacher_logits: (B, T, V) or (N, V); or stored :class:`~lightning_distill.losses.SparseTargets`, then
+            this is :func:`chunked_sparse_loss`; or ``None`` (``ce_weight == 1``, or the hidden-state path).
         labels: (B, T) or (N,) CE targets and mask (``-100``), already aligned with the hidden states; may be
             ``None`` when ``ce_weight == 0``.
         divergence: a key of :data:`lightning_distill.losses.DIVERGENCES`.
@@ -126,6 +128,10 @@ def chunked_distill_loss(
         ``{"loss", "kd", "ce"}`` scalars, equal to :func:`lightning_distill.losses.distill_loss` on the
         logits.
     """
+    if isinstance(teacher_logits, SparseTargets):
+        return chunked_sparse_loss(student_hidden, student_head, teacher_logits.ids, teacher_logits.values, labels,
+                                   kind=teacher_logits.kind, ce_weight=ce_weight, temperature=temperature,
+                                   num_tokens=num_tokens, chunk_size=chunk_size, divergence=divergence, **params)
     if ce_weight == 1:
         teacher = None
     elif teacher_logits is not None:
@@ -159,7 +165,7 @@ def chunked_sparse_loss(
     temperature: float = 1.0,
     num_tokens: NumTokens = None,
     chunk_size: int = 1024,
-    **params: str,
+    **params: str | float,
 ) -> dict[str, Tensor]:
     """:func:`chunked_distill_loss` against stored sparse teacher targets (top-k or sampled ids).
 
@@ -170,7 +176,8 @@ def chunked_sparse_loss(
         target_values: same shape: teacher log-probs (``kind="topk"``) or sample weights (``kind="sampled"``).
         kind: ``"topk"`` (:func:`lightning_distill.losses.topk_forward_kl`) or ``"sampled"``
             (:func:`lightning_distill.losses.sampled_kl`).
-        **params: ``tail`` for ``"topk"``.
+        **params: ``tail`` for ``"topk"``; ``divergence`` and its ``beta`` / ``alpha`` (see
+            :data:`lightning_distill.losses.SPARSE_DIVERGENCES`).
 
     Returns:
         ``{"loss", "kd", "ce"}`` scalars, equal to the unchunked sparse loss and CE on the logits.

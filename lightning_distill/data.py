@@ -14,6 +14,10 @@ one flat int32 array plus document offsets, keyed by source identity and tokeniz
 into train/validation by document from ``seed``; each split is packed: documents joined into one stream with
 EOS after each, cut into non-overlapping blocks of ``block_size`` tokens, the remainder dropped. Empty
 documents are skipped. Cache: ``$LIGHTNING_DISTILL_DATA_CACHE`` or ``~/.cache/lightning_distill/tokens``.
+
+With ``labels=PATH`` (or a module with ``labels=PATH``) each block also carries the teacher's stored signal
+(:mod:`lightning_distill.labels`), joined by ``block_idx``; a store made for another tokenizer, block size or
+corpus, or with a corrupt shard, is refused.
 """
 
 from __future__ import annotations
@@ -32,10 +36,11 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill import backbone
+from lightning_distill.labels import SPLITS, LabelStore, SplitLabels
 
 BUILTIN_CORPORA = ("builtin:python-docs", "builtin:shakespeare")
 SHAKESPEARE = Path(__file__).parent / "assets" / "shakespeare.txt"
@@ -49,8 +54,9 @@ class DistillDataModule(L.LightningDataModule):
 
     Batches are dicts: ``input_ids`` (B, T) long; ``labels`` (B, T) long, equal to ``input_ids`` (the model
     shifts); ``block_idx`` (B,) long, the index of each block within its split, by which stored teacher labels
-    are joined. ``val_dataloader`` and ``test_dataloader`` serve the validation split in order;
-    ``predict_dataloader`` serves the train split in order (to label the corpus with a teacher once).
+    are joined; with stored labels, ``teacher``: a dict of tensors (:mod:`lightning_distill.labels`).
+    ``val_dataloader`` and ``test_dataloader`` serve the validation split in order; ``predict_dataloader``
+    serves the train split in order, or the blocks a label writer planned (:meth:`plan_predict`).
 
     Args:
         corpus: a source or a list of sources: ``"builtin:python-docs"``, a text file, a glob, a ``.jsonl``
@@ -65,8 +71,11 @@ class DistillDataModule(L.LightningDataModule):
         num_workers: ``DataLoader`` worker processes.
         text_field: field (JSONL) or column (Hugging Face dataset) holding the text.
         max_documents: keep the first N documents after the seeded shuffle (quick runs); ``None`` keeps all.
-        labels: folder of stored teacher labels (:mod:`lightning_distill.labels`), to be attached to blocks by
-            ``block_idx``. Not implemented yet: must be ``None``.
+        labels: folder of a label store (:mod:`lightning_distill.labels`) whose records are attached to the
+            blocks of both splits by ``block_idx`` (the validation split's when the store holds it). ``None``:
+            the ``labels`` of the attached module, if any. The store must match the tokenizer, ``block_size``
+            and the corpus blocks (corpus, ``max_documents``, ``seed``, ``val_fraction``); checksums are
+            verified when it is opened.
     """
 
     def __init__(
@@ -101,8 +110,8 @@ class DistillDataModule(L.LightningDataModule):
         if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer):
             raise ValueError(f"tokenizer must be a model name or path, or None for the model's, "
                              f"got {tokenizer!r}")
-        if labels is not None:
-            raise NotImplementedError("labels= (stored teacher labels) is not implemented yet; leave it None")
+        if labels is not None and (not isinstance(labels, str) or not labels):
+            raise ValueError(f"labels must be the folder of a label store, or None, got {labels!r}")
         expand_sources(corpus)  # fail fast on unknown builtins, missing files and empty globs
         if ood_corpus is not None:
             expand_sources(ood_corpus)
@@ -112,6 +121,10 @@ class DistillDataModule(L.LightningDataModule):
         self._train_blocks: torch.Tensor | None = None  # (N_train, T)
         self._val_blocks: torch.Tensor | None = None  # (N_val, T)
         self._ood_blocks: torch.Tensor | None = None  # (N_ood, T)
+        self._stored: dict[str, SplitLabels | None] = {}  # split -> stored labels
+        self._store_path: str | None = None
+        self.label_manifest: dict[str, Any] | None = None
+        self._plan: dict[str, list[int]] | None = None  # split -> blocks predict serves (label writer)
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, max_positions: int | None = None) -> None:
         """Use this tokenizer (e.g. in a notebook); ``max_positions`` bounds ``block_size``."""
@@ -137,9 +150,36 @@ class DistillDataModule(L.LightningDataModule):
             self._cached_tokens(self.hparams.ood_corpus, None)
 
     def setup(self, stage: str | None = None) -> None:
-        """Load the cached tokens, split them by document and pack both splits into blocks."""
-        if self._train_blocks is not None:
-            return
+        """Load the cached tokens, split them by document and pack both splits into blocks; open the label
+        store, if any."""
+        if self._train_blocks is None:
+            self._build_blocks()
+        self._attach_labels()
+
+    def corpus_fingerprint(self) -> str:
+        """A hash of the packed train and validation blocks: equal fingerprints mean every ``block_idx`` holds
+        the same tokens, which stored labels rely on."""
+        digest = hashlib.sha256()
+        for blocks in (self.train_blocks, self.val_blocks):
+            digest.update(repr(tuple(blocks.shape)).encode() + blocks.to(torch.int32).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def corpus_settings(self) -> dict[str, Any]:
+        """What the blocks are made from, for label manifests and error messages."""
+        hp = self.hparams
+        return {"corpus": hp.corpus, "max_documents": hp.max_documents, "seed": hp.seed,
+                "val_fraction": hp.val_fraction, "text_field": hp.text_field}
+
+    def plan_predict(self, plan: dict[str, list[int]] | None) -> None:
+        """Make :meth:`predict_dataloader` serve only these blocks, one loader per split in this order (the
+        share of a label writer on this rank); ``None`` restores the train split in order."""
+        if plan is not None and not set(plan) <= set(SPLITS):
+            raise ValueError(f"plan_predict takes splits among {SPLITS}, got {sorted(plan)}")
+        self._plan = plan
+        # every rank keeps one loader per split, so a rank's share of a split may be empty
+        self.allow_zero_length_dataloader_with_multiple_devices = plan is not None
+
+    def _build_blocks(self) -> None:
         tokenizer, cache = self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
         with np.load(cache) as data:
             tokens, offsets, doc_ids = data["tokens"], data["offsets"], data["doc_ids"]  # (N,) (D+1,) (D,)
@@ -170,29 +210,50 @@ class DistillDataModule(L.LightningDataModule):
         rank_zero_info(f"[lightning_distill] {len(self.train_blocks)} train / {len(self.val_blocks)} "
                        f"validation blocks of {hp.block_size} tokens")
 
+    def _attach_labels(self) -> None:
+        """Open the label store (own ``labels``, else the module's) and check it was made for these blocks."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        own, theirs = self.hparams.labels, getattr(module, "labels", None)
+        theirs = theirs if isinstance(theirs, str) else None
+        if own and theirs and Path(own).resolve() != Path(theirs).resolve():
+            raise ValueError(f"the data module's labels={own!r} differs from the model's labels={theirs!r}: set "
+                             "it on the model only (the data module takes the model's)")
+        path = own or theirs
+        if path is None or path == self._store_path:
+            return
+        store = LabelStore(path)
+        store.check(tokenizer=backbone.tokenizer_fingerprint(self._resolve_tokenizer()),
+                    block_size=self.hparams.block_size, corpus=self.corpus_fingerprint(),
+                    description=self.corpus_settings())
+        self._stored = {split: store.split(split) for split in SPLITS}
+        self._store_path, self.label_manifest = path, store.manifest
+
     def train_dataloader(self) -> DataLoader:
         """Train blocks in a seeded shuffled order."""
-        return self._loader(self.train_blocks, torch.Generator().manual_seed(self.hparams.seed))
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return self._loader(BlockDataset(self.train_blocks, self._stored.get("train")), generator)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """Validation blocks in order; with ``ood_corpus``, a second loader over its blocks."""
-        if self._ood_blocks is None:
-            return self._loader(self.val_blocks)
-        return [self._loader(self.val_blocks), self._loader(self._ood_blocks)]
+        val = self._loader(BlockDataset(self.val_blocks, self._stored.get("validation")))
+        return val if self._ood_blocks is None else [val, self._loader(BlockDataset(self._ood_blocks))]
 
     def test_dataloader(self) -> DataLoader:
         """The validation blocks in order (there is no separate test split)."""
-        return self._loader(self.val_blocks)
+        return self._loader(BlockDataset(self.val_blocks, self._stored.get("validation")))
 
-    def predict_dataloader(self) -> DataLoader:
-        """Train blocks in order, to label the corpus with a teacher (``block_idx`` keys the labels)."""
-        return self._loader(self.train_blocks)
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Train blocks in order, to label the corpus with a teacher (``block_idx`` keys the labels); after
+        :meth:`plan_predict`, one loader per planned split over its planned blocks."""
+        if self._plan is None:
+            return self._loader(BlockDataset(self.train_blocks))
+        blocks = {"train": self.train_blocks, "validation": self.val_blocks}
+        return [self._loader(PlannedBlocks(blocks[split], indices)) for split, indices in self._plan.items()]
 
-    def _loader(self, blocks: torch.Tensor, shuffle_with: torch.Generator | None = None) -> DataLoader:
+    def _loader(self, dataset: Dataset, shuffle_with: torch.Generator | None = None) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(BlockDataset(blocks), batch_size=self.hparams.batch_size,
-                          shuffle=shuffle_with is not None, generator=shuffle_with, num_workers=workers,
-                          persistent_workers=workers > 0)
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle_with is not None,
+                          generator=shuffle_with, num_workers=workers, persistent_workers=workers > 0)
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer: ``set_tokenizer``'s, else the ``tokenizer`` name's, else the attached module's."""
@@ -255,17 +316,39 @@ class DistillDataModule(L.LightningDataModule):
 
 
 class BlockDataset(Dataset):
-    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T)."""
+    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T), plus
+    ``"teacher"`` (a dict of tensors) when stored labels are given."""
 
-    def __init__(self, blocks: torch.Tensor) -> None:
+    def __init__(self, blocks: torch.Tensor, stored: SplitLabels | None = None) -> None:
         self.blocks = blocks  # (N, T)
+        self.stored = stored
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         block = self.blocks[index]  # (T,)
-        return {"input_ids": block, "labels": block.clone(), "block_idx": index}
+        item = {"input_ids": block, "labels": block.clone(), "block_idx": index}
+        if self.stored is not None:
+            item["teacher"] = self.stored[index]
+        return item
+
+
+class PlannedBlocks(IterableDataset):
+    """The items of :class:`BlockDataset` for the given block indices, in order, each DataLoader worker taking
+    every n-th one. Iterable, so that Lightning does not split it again over ranks: it already is this rank's
+    share (see :meth:`DistillDataModule.plan_predict`)."""
+
+    def __init__(self, blocks: torch.Tensor, indices: list[int]) -> None:
+        self.dataset, self.indices = BlockDataset(blocks), list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        mine = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
+        return (self.dataset[i] for i in mine)
 
 
 def split_documents(

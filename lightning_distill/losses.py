@@ -18,13 +18,16 @@ Pure torch, no Lightning. Every loss has one shape of call::
 The file reads top-down: per-token divergences on log-probs ``(N, V) -> (N,)`` in :data:`DIVERGENCES` (reused
 by :mod:`lightning_distill.chunked`); :func:`divergence_per_token` and :func:`reduce_tokens`; the public dense
 losses and :func:`distill_loss`; sparse targets stored by the label writer (:func:`topk_forward_kl`,
-:func:`sampled_kl`) and the functions that make them (:func:`topk_teacher`, :func:`sample_teacher`).
+:func:`sampled_kl`) and the functions that make them (:func:`topk_teacher`, :func:`sample_teacher`). A
+:class:`SparseTargets` goes wherever teacher logits go (``distill_loss``, ``chunked_distill_loss``) and selects
+the sparse loss of its kind; top-k targets with ``tail="bucket"`` take every divergence of :data:`DIVERGENCES`.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -50,7 +53,8 @@ def _log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-softmax of ``logits / temperature`` in at least float32, flattened: (..., V) -> (N, V)."""
     _check(temperature > 0, "temperature", temperature, "> 0")
     dtype = torch.promote_types(logits.dtype, torch.float32)
-    return torch.log_softmax(logits.reshape(-1, logits.shape[-1]).to(dtype) / temperature, dim=-1)  # (N, V)
+    flat = logits.reshape(-1, logits.shape[-1]).to(dtype)  # (N, V)
+    return torch.log_softmax(flat if temperature == 1 else flat / temperature, dim=-1)  # (N, V)
 
 
 def _kl(log_p: Tensor, log_q: Tensor) -> Tensor:
@@ -129,7 +133,7 @@ DIVERGENCES: dict[str, Callable[..., Tensor]] = {
 
 
 def divergence_per_token(name: str, student_logits: Tensor, teacher_logits: Tensor, temperature: float = 1.0,
-                         **params: float) -> Tensor:
+                         student_logp: Tensor | None = None, **params: float) -> Tensor:
     """Per-token divergence ``name`` between tempered softmaxes, already multiplied by ``temperature**2``.
 
     Args:
@@ -137,6 +141,7 @@ def divergence_per_token(name: str, student_logits: Tensor, teacher_logits: Tens
         student_logits: (B, T, V) or (N, V) logits, any float dtype.
         teacher_logits: same shape as ``student_logits``.
         temperature: T > 0; both logits are divided by T.
+        student_logp: the student's log-probs at ``temperature`` (N, V) when the caller already has them.
         **params: the divergence's parameters (``beta`` for ``generalized_jsd``, ``alpha`` for the skew KLs).
 
     Returns:
@@ -145,7 +150,7 @@ def divergence_per_token(name: str, student_logits: Tensor, teacher_logits: Tens
     fn = _lookup(DIVERGENCES, name, "divergence")
     shape = tuple(student_logits.shape)
     _check(teacher_logits.shape == shape, "teacher_logits", tuple(teacher_logits.shape), f"of shape {shape}")
-    student_logp = _log_probs(student_logits, temperature)  # (N, V)
+    student_logp = _log_probs(student_logits, temperature) if student_logp is None else student_logp  # (N, V)
     teacher_logp = _log_probs(teacher_logits, temperature)  # (N, V)
     return fn(student_logp, teacher_logp, **params) * temperature**2  # (N,)
 
@@ -264,7 +269,7 @@ def cross_entropy(student_logits: Tensor, labels: Tensor, *, num_tokens: NumToke
     return reduce_tokens(cross_entropy_per_token(student_logits, labels), labels, num_tokens)
 
 
-def distill_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: Tensor | None, *,
+def distill_loss(student_logits: Tensor, teacher_logits: Tensor | SparseTargets | None, labels: Tensor | None, *,
                  divergence: str = "forward_kl", ce_weight: float = 0.0, temperature: float = 1.0,
                  num_tokens: NumTokens = None, **params: float) -> dict[str, Tensor]:
     """``loss = (1 - ce_weight) * KD + ce_weight * CE(labels)`` on full logits; the same from hidden states,
@@ -272,7 +277,8 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: 
 
     Args:
         student_logits: (B, T, V) or (N, V).
-        teacher_logits: same shape; may be ``None`` when ``ce_weight == 1`` (the teacher is not used).
+        teacher_logits: same shape; or stored :class:`SparseTargets` ((B, T, K) / (N, K)), then KD is the sparse
+            loss of their kind (:func:`sparse_per_token`); may be ``None`` when ``ce_weight == 1``.
         labels: (B, T) or (N,) CE targets and mask (``-100``); may be ``None`` when ``ce_weight == 0``.
         divergence: a key of :data:`DIVERGENCES`.
         ce_weight: in [0, 1]; the term with weight 0 is skipped and returned as 0.
@@ -286,13 +292,25 @@ def distill_loss(student_logits: Tensor, teacher_logits: Tensor | None, labels: 
     _check(0 <= ce_weight <= 1, "ce_weight", ce_weight, "in [0, 1]")
     zero = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
     kd = ce = zero
+    student_logp = None
     if ce_weight < 1:
         _check(teacher_logits is not None, "teacher_logits", None, "a tensor when ce_weight < 1")
-        per_token = divergence_per_token(divergence, student_logits, teacher_logits, temperature, **params)
+        student_logp = _log_probs(student_logits, temperature)  # (N, V), shared with CE at T = 1
+        if isinstance(teacher_logits, SparseTargets):  # stored top-k / sampled targets
+            per_token = sparse_per_token(teacher_logits.kind, student_logits, teacher_logits.ids,
+                                         teacher_logits.values, temperature, student_logp=student_logp,
+                                         divergence=divergence, **params)
+        else:
+            per_token = divergence_per_token(divergence, student_logits, teacher_logits, temperature,
+                                             student_logp=student_logp, **params)
         kd = reduce_tokens(per_token, labels, num_tokens)
     if ce_weight > 0:
         _check(labels is not None, "labels", None, "a tensor when ce_weight > 0")
-        ce = cross_entropy(student_logits, labels, num_tokens=num_tokens)
+        if student_logp is not None and temperature == 1:  # one log-softmax pass (and its backward) for both
+            per_token = F.nll_loss(student_logp, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")
+            ce = reduce_tokens(per_token, labels, num_tokens)
+        else:
+            ce = cross_entropy(student_logits, labels, num_tokens=num_tokens)
     return {"loss": (1 - ce_weight) * kd + ce_weight * ce, "kd": kd, "ce": ce}
 
 
@@ -310,7 +328,10 @@ def topk_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tu
         tempered distribution, most likely first.
     """
     _check(1 <= k <= teacher_logits.shape[-1], "k", k, f"in [1, {teacher_logits.shape[-1]}]")
-    logprobs, ids = _log_probs(teacher_logits, temperature).topk(k, dim=-1)  # (N, K)
+    _check(temperature > 0, "temperature", temperature, "> 0")
+    flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (N, V)
+    scaled = flat if temperature == 1 else flat.float() / temperature
+    logprobs, ids = torch.log_softmax(scaled, -1, dtype=torch.float32).topk(k, dim=-1)  # (N, K)
     shape = (*teacher_logits.shape[:-1], k)
     return ids.reshape(shape), logprobs.reshape(shape)
 
@@ -333,47 +354,116 @@ def sample_teacher(teacher_logits: Tensor, num_samples: int, temperature: float 
     _check(num_samples >= 1, "num_samples", num_samples, ">= 1")
     probs = _log_probs(teacher_logits, temperature).exp()  # (N, V)
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (N, S)
+    ids, weights = merge_draws(draws)
+    shape = (*teacher_logits.shape[:-1], num_samples)
+    return ids.reshape(shape), weights.to(probs.dtype).reshape(shape)
+
+
+def merge_draws(draws: Tensor) -> tuple[Tensor, Tensor]:
+    """Merge repeated ids among S draws per row: (N, S) -> ``(ids, weights)``, both (N, S): distinct ids in
+    ascending order, each weighted count / S, then padding slots (id 0, weight 0)."""
+    num_samples = draws.shape[-1]
     draws = draws.sort(-1).values
     first = torch.ones_like(draws, dtype=torch.bool)  # (N, S) first draw of each distinct id
     first[:, 1:] = draws[:, 1:] != draws[:, :-1]
     counts = torch.searchsorted(draws, draws, right=True) - torch.searchsorted(draws, draws)  # (N, S)
-    weights = torch.where(first, counts.to(probs.dtype) / num_samples, 0.0)  # (N, S)
+    weights = torch.where(first, counts.to(torch.float32) / num_samples, 0.0)  # (N, S)
     order = (~first).long().argsort(dim=-1, stable=True)  # distinct ids to the front, keeping their order
     weights = weights.gather(-1, order)
-    ids = draws.gather(-1, order).masked_fill(weights == 0, 0)
-    shape = (*teacher_logits.shape[:-1], num_samples)
-    return ids.reshape(shape), weights.reshape(shape)
+    return draws.gather(-1, order).masked_fill(weights == 0, 0), weights
 
 
-def _topk_kl(student_logp: Tensor, ids: Tensor, logprobs: Tensor, tail: str = "renorm") -> Tensor:
-    """Forward KL to a top-k teacher: (N, V), (N, K), (N, K) -> (N,); see :func:`topk_forward_kl`."""
+def _topk_kl(student_logp: Tensor, ids: Tensor, logprobs: Tensor, tail: str = "renorm",
+             divergence: str = "forward_kl", **params: float) -> Tensor:
+    """A divergence to a top-k teacher: (N, V), (N, K), (N, K) -> (N,); see :func:`topk_forward_kl`.
+
+    ``tail="bucket"`` turns both sides into proper distributions over K + 1 outcomes, on which every divergence
+    of :data:`DIVERGENCES` is defined (by data processing, each is at most its dense value). ``tail="renorm"``
+    leaves the teacher 0 outside its K ids, where only ``forward_kl`` stays finite and meaningful.
+    """
     _check(tail in ("renorm", "bucket"), "tail", tail, "'renorm' or 'bucket'")
     student_k = student_logp.gather(-1, ids)  # (N, K)
     if tail == "renorm":
+        _check(divergence == "forward_kl", "divergence", divergence,
+               "'forward_kl' with tail='renorm' (use tail='bucket' for the other divergences)")
         return _kl(torch.log_softmax(logprobs, dim=-1), student_k)
-    covered = torch.zeros_like(student_logp, dtype=torch.bool).scatter_(-1, ids, True)  # (N, V)
-    full = covered.all(-1, keepdim=True)  # (N, 1) the ids cover the vocabulary: no tail
-    # Student tail log(1 - sum_k p_s(id_k)) as a logsumexp over the other ids: exact, no cancellation.
-    student_tail = student_logp.masked_fill(covered & ~full, -math.inf).logsumexp(-1, keepdim=True)  # (N, 1)
+    fn = _lookup(DIVERGENCES, divergence, "divergence")
+    if ids.shape[-1] == student_logp.shape[-1]:  # the (distinct) ids cover the vocabulary: there is no tail
+        return fn(student_k, logprobs, **params)
+    student_tail = _tail(student_logp, ids, student_k)  # (N, 1) log(1 - sum_k p_s(id_k))
     teacher_covered = logprobs.logsumexp(-1, keepdim=True)  # (N, 1) log sum_k q_k
-    empty = full | (teacher_covered >= 0)  # no teacher tail, or one below rounding
+    empty = teacher_covered >= 0  # a teacher tail below rounding
     teacher_tail = torch.log(-torch.expm1(teacher_covered.masked_fill(empty, -1)))  # (N, 1) log(1 - sum q)
-    student_tail = student_tail.masked_fill(full, -math.inf)
-    teacher_tail = teacher_tail.masked_fill(empty, -math.inf)  # masked_fill after: no NaN gradients
-    return _kl(torch.cat([logprobs, teacher_tail], -1), torch.cat([student_k, student_tail], -1))  # K + 1
+    # masked_fill after the log: no NaN gradients. A real teacher's tail is never 0: the mode-seeking
+    # divergences get the smallest positive mass instead, which keeps them finite.
+    floor = -math.inf if divergence == "forward_kl" else math.log(torch.finfo(logprobs.dtype).tiny)
+    teacher_tail = teacher_tail.masked_fill(empty, floor)
+    student_c = torch.cat([student_k, student_tail], -1)  # (N, K + 1)
+    return fn(student_c, torch.cat([logprobs, teacher_tail], -1), **params)
 
 
-def _sampled_ce(student_logp: Tensor, sample_ids: Tensor, sample_weights: Tensor) -> Tensor:
-    """Cross-entropy to a sparse empirical teacher: (N, V), (N, S), (N, S) -> (N,). See :func:`sampled_kl`."""
+def _tail(student_logp: Tensor, ids: Tensor, student_k: Tensor) -> Tensor:
+    """log(1 - sum_k p(id_k)), the student's mass outside the ids: (N, V), (N, K), (N, K) -> (N, 1).
+
+    From the K log-probs, ``log(-expm1(logsumexp))``, without a pass over the vocabulary; where that mass is so
+    small that the subtraction loses digits (below 1e-3 in float32), exactly, as a logsumexp over the other ids
+    of those rows only.
+    """
+    covered = student_k.logsumexp(-1, keepdim=True)  # (N, 1) log sum_k p_k, <= 0 up to rounding
+    eps = torch.finfo(covered.dtype).eps
+    tail = torch.log(-torch.expm1(covered.clamp(max=-eps)))  # (N, 1); the clamp keeps log(0) off the graph
+    rows = (tail < math.log(1e-3 if eps > 1e-10 else 1e-8)).squeeze(-1).nonzero().squeeze(-1)  # (R,)
+    if rows.numel():
+        others = torch.ones_like(student_logp[rows], dtype=torch.bool).scatter_(-1, ids[rows], False)  # (R, V)
+        exact = student_logp[rows].masked_fill(~others, -math.inf).logsumexp(-1, keepdim=True)  # (R, 1)
+        tail = tail.index_put((rows,), exact)
+    return tail
+
+
+def _sampled_ce(student_logp: Tensor, sample_ids: Tensor, sample_weights: Tensor,
+                divergence: str = "forward_kl") -> Tensor:
+    """Cross-entropy to a sparse empirical teacher: (N, V), (N, S), (N, S) -> (N,). See :func:`sampled_kl`.
+
+    Only the forward KL has an unbiased estimate from draws (it is linear in the teacher's probabilities)."""
+    _check(divergence == "forward_kl", "divergence", divergence, "'forward_kl' with sampled targets (the only "
+           "divergence linear in the teacher, hence estimated without bias from its draws)")
     return -(sample_weights * student_logp.gather(-1, sample_ids)).sum(-1)
 
 
 SPARSE_DIVERGENCES: dict[str, Callable[..., Tensor]] = {"topk": _topk_kl, "sampled": _sampled_ce}
-"""Per-token sparse losses ``fn(student_logp (N, V), ids (N, K), values (N, K), **params) -> (N,)``."""
+"""Per-token sparse losses ``fn(student_logp (N, V), ids (N, K), values (N, K), **params) -> (N,)``; ``params``
+may name a ``divergence`` of :data:`DIVERGENCES` (``"topk"`` with ``tail="bucket"``: any; otherwise
+``forward_kl`` only) with its ``beta`` / ``alpha``."""
+
+
+@dataclass(frozen=True)
+class SparseTargets:
+    """A teacher signal stored on a few ids per position (:mod:`lightning_distill.labels` reads it).
+
+    Passed wherever teacher logits go (:func:`distill_loss`, ``chunked_distill_loss``, ``student_loss``), it
+    selects the sparse loss of its ``kind``. Indexing slices both tensors: ``targets[:, :-1]``.
+
+    Attributes:
+        kind: ``"topk"`` (values are teacher log-probs) or ``"sampled"`` (values are sample weights).
+        ids: (B, T, K) long teacher ids.
+        values: (B, T, K) float, aligned with ``ids``.
+    """
+
+    kind: str
+    ids: Tensor
+    values: Tensor
+
+    def __post_init__(self) -> None:
+        _check(self.kind in SPARSE_DIVERGENCES, "kind", self.kind, f"one of {sorted(SPARSE_DIVERGENCES)}")
+        _check(self.ids.shape == self.values.shape, "values", tuple(self.values.shape), f"of shape "
+               f"{tuple(self.ids.shape)} (as ids)")
+
+    def __getitem__(self, index: object) -> SparseTargets:
+        return replace(self, ids=self.ids[index], values=self.values[index])
 
 
 def sparse_per_token(kind: str, student_logits: Tensor, target_ids: Tensor, target_values: Tensor,
-                     temperature: float = 1.0, **params: str) -> Tensor:
+                     temperature: float = 1.0, student_logp: Tensor | None = None, **params: str | float) -> Tensor:
     """Per-token loss to a sparse target, multiplied by ``temperature**2``.
 
     Args:
@@ -383,7 +473,9 @@ def sparse_per_token(kind: str, student_logits: Tensor, target_ids: Tensor, targ
         target_ids: (B, T, K) or (N, K) long.
         target_values: same shape as ``target_ids``, any float dtype.
         temperature: T > 0, the temperature the targets were made at.
-        **params: ``tail`` for ``"topk"``.
+        student_logp: the student's log-probs at ``temperature`` (N, V) when the caller already has them.
+        **params: ``tail`` for ``"topk"``; ``divergence`` (and its ``beta`` / ``alpha``), see
+            :data:`SPARSE_DIVERGENCES`.
 
     Returns:
         (N,) per-token values in at least float32.
@@ -391,7 +483,7 @@ def sparse_per_token(kind: str, student_logits: Tensor, target_ids: Tensor, targ
     fn = _lookup(SPARSE_DIVERGENCES, kind, "kind")
     rows = tuple(student_logits.shape[:-1])
     _check(target_ids.shape[:-1] == rows, "target_ids", tuple(target_ids.shape), f"of shape ({rows}, K)")
-    student_logp = _log_probs(student_logits, temperature)  # (N, V)
+    student_logp = _log_probs(student_logits, temperature) if student_logp is None else student_logp  # (N, V)
     ids = target_ids.reshape(student_logp.shape[0], -1)  # (N, K)
     values = target_values.reshape(ids.shape).to(student_logp.dtype)  # (N, K)
     return fn(student_logp, ids, values, **params) * temperature**2  # (N,)
@@ -409,7 +501,7 @@ def topk_forward_kl(student_logits: Tensor, target_ids: Tensor, target_logprobs:
       sum_k q_k (log q_k - log p_s(id_k)); the teacher's missing mass is ignored and the student is only
       pushed up on the K ids (its remaining mass falls as a side effect of the softmax).
     - ``"bucket"``: keep the missing teacher mass 1 - sum_k q_k as one extra outcome matched against the
-      student's mass outside the K ids (a logsumexp over the other ids): the exact KL between the two
+      student's mass outside the K ids (see :func:`_tail`): the exact KL between the two
       distributions coarse-grained to K + 1 outcomes, hence never above the dense forward KL.
 
     With K = V both equal :func:`forward_kl`.

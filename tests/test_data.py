@@ -277,9 +277,9 @@ def test_bad_arguments_raise_naming_them(kwargs, message):
         DistillDataModule(**kwargs)
 
 
-def test_labels_are_not_implemented_yet():
-    with pytest.raises(NotImplementedError, match="labels"):
-        DistillDataModule(labels="labels/")
+def test_labels_must_name_a_folder():
+    with pytest.raises(ValueError, match="labels must be the folder of a label store"):
+        DistillDataModule(labels="")
 
 
 def test_source_errors(tmp_path):
@@ -306,6 +306,107 @@ def test_block_size_larger_than_the_model_positions(tok, tiny_teacher_dir):
     dm = DistillDataModule(tokenizer=tiny_teacher_dir, block_size=1024)  # the tiny config has 512 positions
     with pytest.raises(ValueError, match="maximum of 512 positions"):
         dm.prepare_data()
+
+
+# --- stored labels ------------------------------------------------------------------------------------------
+
+
+def small(tok, **kwargs) -> DistillDataModule:
+    """76 blocks of 32 tokens: 66 train, 10 validation."""
+    return built(tok, **{"max_documents": 2, "val_fraction": 0.5, "block_size": 32, "batch_size": 4, **kwargs})
+
+
+@pytest.fixture(scope="module")
+def store(tiny_teacher_dir, tmp_path_factory):
+    """A top-k store (k = 4) of the small corpus, written by the tiny teacher through trainer.predict."""
+    from conftest import TINY_STUDENT, tiny_trainer
+
+    from lightning_distill import SoftDistill
+    from lightning_distill.callbacks import LabelWriter
+
+    path = tmp_path_factory.mktemp("labels") / "topk"
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
+    writer = LabelWriter(str(path), k=4, shard_blocks=16)
+    data = DistillDataModule(max_documents=2, val_fraction=0.5, block_size=32, batch_size=4)
+    tiny_trainer(path.parent, callbacks=[writer]).predict(model, datamodule=data)
+    return path
+
+
+def test_corpus_fingerprint_follows_the_blocks(tok):
+    first, again = small(tok), small(tok)
+    assert first.corpus_fingerprint() == again.corpus_fingerprint()
+    assert small(tok, seed=1).corpus_fingerprint() != first.corpus_fingerprint()  # another split
+    assert small(tok, block_size=16).corpus_fingerprint() != first.corpus_fingerprint()
+    assert first.corpus_settings() == {"corpus": "builtin:python-docs", "max_documents": 2, "seed": 0,
+                                       "val_fraction": 0.5, "text_field": "text"}
+
+
+def test_stored_labels_are_joined_by_block_idx(tok, store):
+    from lightning_distill.labels import LabelStore
+
+    dm = small(tok, labels=str(store))
+    stored = LabelStore(store)
+    for loader, split in ((dm.train_dataloader(), "train"), (dm.val_dataloader(), "validation")):
+        batch = next(iter(loader))
+        assert batch["teacher"]["topk_ids"].shape == (4, 32, 4)
+        assert batch["teacher"]["topk_logprobs"].dtype == torch.float32
+        for row, block in enumerate(batch["block_idx"].tolist()):
+            assert torch.equal(batch["teacher"]["topk_ids"][row], stored.split(split)[block]["topk_ids"])
+    assert "teacher" not in next(iter(dm.predict_dataloader()))  # labelling reads no labels
+    workers = small(tok, labels=str(store), num_workers=2)  # workers map the shards themselves
+    assert len(list(workers.train_dataloader())) == 17
+
+
+def test_a_store_for_other_data_is_refused_saying_why(tok, store, tmp_path):
+    with pytest.raises(ValueError, match="block_size=32, the data module makes block_size=16"):
+        small(tok, labels=str(store), block_size=16)
+    with pytest.raises(ValueError, match="another corpus or split"):
+        small(tok, labels=str(store), seed=1)
+    with pytest.raises(ValueError, match="another corpus or split"):
+        small(tok, labels=str(store), max_documents=3)
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for file in store.iterdir():
+        (copy / file.name).write_bytes(file.read_bytes())
+    manifest = json.loads((copy / "manifest.json").read_text())
+    (copy / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "0123456789abcdef"}))
+    with pytest.raises(ValueError, match="another tokenizer"):
+        small(tok, labels=str(copy))
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    shard = copy / "train-00001.npy"
+    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
+    with pytest.raises(ValueError, match=r"train-00001\.npy fails its checksum"):
+        small(tok, labels=str(copy))
+    with pytest.raises(ValueError, match="not a label store"):
+        small(tok, labels=str(tmp_path / "missing"))
+
+
+def test_labels_come_from_the_model_and_must_agree(tok, store):
+    class WithLabels(L.LightningModule):
+        labels = str(store)
+        tokenizer = tok
+
+    dm = DistillDataModule(max_documents=2, val_fraction=0.5, block_size=32, batch_size=4)
+    dm.trainer = SimpleNamespace(lightning_module=WithLabels())
+    dm.setup("fit")
+    assert "teacher" in next(iter(dm.train_dataloader()))
+    other = DistillDataModule(max_documents=2, val_fraction=0.5, block_size=32, labels="elsewhere")
+    other.trainer = SimpleNamespace(lightning_module=WithLabels())
+    with pytest.raises(ValueError, match="differs from the model's labels"):
+        other.setup("fit")
+
+
+def test_plan_predict_serves_the_planned_blocks_of_each_split(tok):
+    dm = small(tok)
+    dm.plan_predict({"validation": [3, 4, 5], "train": [0, 1, 2, 3, 4]})
+    loaders = dm.predict_dataloader()
+    assert [torch.cat([b["block_idx"] for b in loader]).tolist() for loader in loaders] == [[3, 4, 5],
+                                                                                         [0, 1, 2, 3, 4]]
+    assert torch.equal(next(iter(loaders[0]))["input_ids"][0], dm.val_blocks[3])
+    dm.plan_predict(None)
+    assert torch.cat([b["block_idx"] for b in dm.predict_dataloader()]).tolist() == list(range(66))
+    with pytest.raises(ValueError, match="plan_predict takes splits"):
+        dm.plan_predict({"test": [0]})
 
 
 # --- the real embedded tokenizer ----------------------------------------------------------------------------

@@ -42,9 +42,9 @@ def test_teacher_perplexity_on_the_builtin_corpus():
 def test_soft_distill_steps_on_the_real_teacher(tmp_path):
     model = SoftDistill(teacher=TEACHER, student={"from_teacher": {"layers": 6}}, teacher_dtype="auto")
     data = DistillDataModule(corpus="builtin:python-docs", block_size=64, batch_size=2, max_documents=6)
-    trainer = L.Trainer(max_steps=3, val_check_interval=3, limit_val_batches=1, logger=False, enable_checkpointing=False,
-                        enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
-                        default_root_dir=str(tmp_path))
+    trainer = L.Trainer(max_steps=3, val_check_interval=3, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        num_sanity_val_steps=0, default_root_dir=str(tmp_path))
     trainer.fit(model, data)
     assert trainer.global_step == 3
     assert math.isfinite(float(trainer.callback_metrics["train/loss"]))

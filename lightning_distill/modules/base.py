@@ -61,7 +61,8 @@ class DistillModule(L.LightningModule):
             CPUs with bf16 units, runs it ~3x faster; ``"auto"`` (default) picks bfloat16 where it is native,
             else float32; ``None`` keeps
             float32.
-        learning_rate: peak learning rate of AdamW for the student.
+        learning_rate: peak learning rate of AdamW for the student (1e-3: best of a sweep for the pruned
+            6-layer default, see ``benchmarks/recipe_sweep.py``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
         warmup_steps: linear warmup steps, then cosine decay to ``min_lr_ratio * learning_rate`` at the last step.
         min_lr_ratio: final learning rate as a fraction of the peak, in [0, 1].
@@ -85,7 +86,7 @@ class DistillModule(L.LightningModule):
         teacher: str | dict[str, Any] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         teacher_dtype: str | None = "auto",
-        learning_rate: float = 5e-4,
+        learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
@@ -245,15 +246,14 @@ class DistillModule(L.LightningModule):
         labels = targets[:, 1:]  # (B, T-1)
         tokens = (labels != IGNORE_INDEX).sum()
         teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
-        sparse = isinstance(teacher, losses.SparseTargets)
-        if teacher is not None and not sparse and not teacher.is_floating_point():  # hard picks: CE on their ids
-            picks = teacher.masked_fill(labels == IGNORE_INDEX, IGNORE_INDEX)
-            kd = self._head_loss(hidden, None, picks, ce_weight=1.0)["ce"]
-            ce = self._head_loss(hidden, None, labels, ce_weight=1.0)["ce"] if ce_weight > 0 else kd.new_zeros(())
-            out = {"loss": (1 - ce_weight) * kd + ce_weight * ce, "kd": kd, "ce": ce}
-        else:
-            out = self._head_loss(hidden, teacher, labels, divergence=divergence, ce_weight=ce_weight,
-                                  temperature=temperature, **params)
+        if isinstance(teacher, Tensor) and not teacher.is_floating_point():  # hard picks (B, T-1)
+            # KD is CE on the picks: a sparse target of one id with weight 1, so that KD and CE share one head
+            # projection and one log-softmax
+            weights = torch.ones_like(teacher, dtype=torch.float32)
+            teacher = losses.SparseTargets("sampled", teacher.unsqueeze(-1), weights.unsqueeze(-1))
+            divergence, temperature, params = "forward_kl", 1.0, {}
+        out = self._head_loss(hidden, teacher, labels, divergence=divergence, ce_weight=ce_weight,
+                              temperature=temperature, **params)
         return {**out, "tokens": tokens}
 
     def _head_loss(self, hidden: Tensor, teacher: Tensor | losses.SparseTargets | None, labels: Tensor,
@@ -360,8 +360,9 @@ class DistillModule(L.LightningModule):
         return {"block_idx": batch["block_idx"], "logits": self.teacher_logits(batch["input_ids"])}
 
     def label_settings(self) -> dict[str, Any]:
-        """What a label store records about the teacher that wrote it."""
-        return {"teacher": self.teacher_name, "teacher_dtype": self.teacher_dtype}
+        """What a label store records about the teacher that wrote it (the dtype as resolved here)."""
+        dtype = _as_dtype(self.teacher_dtype) or torch.float32
+        return {"teacher": self.teacher_name, "teacher_dtype": str(dtype).removeprefix("torch.")}
 
     # -------------------------------------------------------------------------------------------- optimizer
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:

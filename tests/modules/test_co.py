@@ -11,7 +11,7 @@ from lightning_distill import CoDistill
 
 def test_teacher_and_student_both_train_and_are_checkpointed(tiny_teacher_dir, tmp_path):
     model = CoDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, schedule="constant", kd_weight=0.5,
-                      mutual_weight=0.1, teacher_learning_rate=1e-3)
+                      mutual_weight=0.1, teacher_learning_rate=1e-4)
     model.configure_model()
     teacher_before = {k: v.clone() for k, v in model.teacher.state_dict().items()}
     trainer = tiny_trainer(tmp_path, max_steps=2)

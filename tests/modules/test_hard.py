@@ -7,6 +7,8 @@ import torch
 from conftest import TINY_STUDENT, tiny_data, tiny_trainer
 
 from lightning_distill import HardDistill
+from lightning_distill.callbacks import LabelWriter
+from lightning_distill.modules import base
 
 
 def test_top1_trains_on_teacher_picks(tiny_teacher_dir, tmp_path):
@@ -66,3 +68,70 @@ def test_generate_fit(tiny_teacher_dir, tmp_path):
 def test_bad_arguments(tiny_teacher_dir, kwargs, name):
     with pytest.raises(ValueError, match=name):
         HardDistill(teacher=tiny_teacher_dir, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- stored labels
+def small_data(**overrides):
+    """76 blocks of 32 tokens (66 train, 10 validation)."""
+    return tiny_data(**{"max_documents": 2, "val_fraction": 0.5, **overrides})
+
+
+def label(model, path, **writer_kwargs):
+    writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
+    tiny_trainer(path.parent, callbacks=[writer]).predict(model, datamodule=small_data())
+    return str(path)
+
+
+def batch_with_labels(model, store):
+    data = small_data(labels=store)
+    data.set_tokenizer(model.tokenizer)
+    data.setup()
+    return next(iter(data.train_dataloader()))
+
+
+@pytest.mark.parametrize("kind", ["top1", "topk", "sampled"])
+def test_top1_from_any_per_position_store_equals_the_live_teacher(tiny_teacher_dir, tmp_path, kind):
+    store = label(HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / kind, kind=kind, k=4,
+                  num_samples=3)
+    live = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="top1", ce_weight=0.25)
+    live.configure_model()
+    stored = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="top1", ce_weight=0.25, labels=store)
+    stored.configure_model()
+    assert stored.teacher is None
+    stored.student.load_state_dict(live.student.state_dict())
+    batch = batch_with_labels(live, store)
+    with pytest.warns(UserWarning, match="self.log"):  # the real training step, called without a trainer
+        torch.testing.assert_close(stored.training_step(batch, 0), live.training_step(batch, 0))
+
+
+def test_generate_store_trains_without_the_teacher(tiny_teacher_dir, tmp_path, monkeypatch):
+    kwargs = {"student": TINY_STUDENT, "mode": "generate", "prompt_tokens": 8, "max_new_tokens": 6}
+    writer = HardDistill(teacher=tiny_teacher_dir, generations_dir=str(tmp_path / "cache"), **kwargs)
+    writer.configure_model()
+    store = label(writer, tmp_path / "generate", kind="generate")
+    batch = batch_with_labels(writer, store)
+    # the stored continuation of a block is the live mode's, and both modes train on the same sequences
+    assert torch.equal(writer.teacher_sequences(batch["input_ids"])[0],
+                       writer.sequences(batch["input_ids"][:, :8], batch["teacher"]["continuation"])[0])
+
+    monkeypatch.setattr(base, "load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
+    model = HardDistill(teacher=None, labels=store, **{**kwargs, "student": tiny_teacher_dir})
+    trainer = tiny_trainer(tmp_path, max_steps=2)
+    trainer.fit(model, small_data())
+    assert model.teacher is None and torch.isfinite(trainer.callback_metrics["train/kd"])
+
+
+def test_a_store_that_cannot_feed_the_mode_is_refused(tiny_teacher_dir, tmp_path):
+    model = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="generate", prompt_tokens=8,
+                        max_new_tokens=4)
+    generate = label(model, tmp_path / "generate", kind="generate", splits=["validation"])
+    top1 = label(model.__class__(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / "top1", kind="top1",
+                 splits=["validation"])
+    cases = [({"mode": "top1", "labels": generate}, "set mode='generate'"),
+             ({"mode": "generate", "labels": top1}, "set mode='top1'"),
+             ({"mode": "generate", "labels": generate, "prompt_tokens": 4, "max_new_tokens": 4},
+              "prompt_tokens=4 differs from the store's 8"),
+             ({"mode": "generate", "labels": generate, "prompt_tokens": 8}, "max_new_tokens=64 differs")]
+    for kwargs, message in cases:
+        with pytest.raises(ValueError, match=message):
+            HardDistill(teacher=None, student=tiny_teacher_dir, **kwargs).setup("fit")

@@ -7,6 +7,8 @@ import torch
 from conftest import TINY_STUDENT, tiny_data, tiny_trainer
 
 from lightning_distill import SoftDistill, losses
+from lightning_distill.callbacks import LabelWriter
+from lightning_distill.modules import base
 
 
 @pytest.mark.parametrize("loss", sorted(losses.DIVERGENCES))
@@ -67,3 +69,98 @@ def test_ce_only_ignores_the_teacher(tiny_teacher_dir):
 def test_bad_arguments(tiny_teacher_dir, kwargs, name):
     with pytest.raises(ValueError, match=name):
         SoftDistill(teacher=tiny_teacher_dir, **kwargs)
+
+
+# ----------------------------------------------------------------------------------------------- stored labels
+def small_data(**overrides):
+    """76 blocks of 32 tokens (66 train, 10 validation)."""
+    return tiny_data(**{"max_documents": 2, "val_fraction": 0.5, **overrides})
+
+
+def label(model, path, **writer_kwargs):
+    """Write a label store of ``small_data()`` with ``model``'s teacher through trainer.predict."""
+    writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
+    tiny_trainer(path.parent, callbacks=[writer]).predict(model, datamodule=small_data())
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def stores(tiny_teacher_dir, tmp_path_factory):
+    """Stores of the tiny teacher's signal: top-k (k = V, float32), top-k (k = 8), sampled (6 draws), top-1."""
+    root = tmp_path_factory.mktemp("soft_labels")
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
+    vocab = len(model.tokenizer)
+    return {"full": label(model, root / "full", k=vocab, value_dtype="float32"),
+            "topk": label(model, root / "topk", k=8),
+            "sampled": label(model, root / "sampled", kind="sampled", num_samples=6),
+            "top1": label(model, root / "top1", kind="top1")}
+
+
+def test_trains_from_a_store_without_loading_the_teacher(tiny_teacher_dir, stores, tmp_path, monkeypatch):
+    loaded = []
+    monkeypatch.setattr(base, "load_model", lambda *args, **kwargs: loaded.append(args))  # a teacher load fails
+    model = SoftDistill(teacher=None, student=tiny_teacher_dir, labels=stores["topk"], ce_weight=0.0)
+    assert not model.needs_teacher()
+    trainer = tiny_trainer(tmp_path, max_steps=2, val_check_interval=2)
+    trainer.fit(model, small_data())
+    assert loaded == [] and model.teacher is None
+    metrics = trainer.callback_metrics
+    assert torch.isfinite(metrics["train/kd"]) and metrics["train/kd"] > 0
+    for name in ("val/ce", "val/kl", "val/agreement"):  # from the stored validation labels
+        assert torch.isfinite(metrics[name]), name
+    assert "val/teacher_ppl" not in metrics
+
+
+def test_from_teacher_student_loads_the_teacher_only_to_build_it(tiny_teacher_dir, stores, tmp_path):
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, labels=stores["sampled"])
+    trainer = tiny_trainer(tmp_path, max_steps=2, val_check_interval=2, enable_checkpointing=True)
+    trainer.fit(model, small_data())
+    assert model.teacher is None and model.student.config.num_hidden_layers == 2
+    trainer.save_checkpoint(tmp_path / "model.ckpt")
+    state = torch.load(tmp_path / "model.ckpt", weights_only=False)["state_dict"]
+    assert not [k for k in state if k.startswith("teacher.")]
+    assert torch.isfinite(trainer.callback_metrics["val/kl"])  # the sampled estimate, entropy subtracted
+
+
+@pytest.mark.parametrize("chunk_size", [0, 7])
+@pytest.mark.parametrize("loss", ["forward_kl", "generalized_jsd", "reverse_kl"])
+def test_stored_top_k_with_k_equal_v_gives_the_online_loss(tiny_teacher_dir, stores, loss, chunk_size):
+    torch.manual_seed(0)
+    online = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, loss=loss, ce_weight=0.3,
+                         chunk_size=chunk_size)
+    online.configure_model()
+    stored = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, loss=loss, ce_weight=0.3,
+                         chunk_size=chunk_size, labels=stores["full"])
+    stored.configure_model()
+    stored.student.load_state_dict(online.student.state_dict())
+    data = small_data(labels=stores["full"])
+    data.set_tokenizer(online.tokenizer)
+    data.setup()
+    batch = next(iter(data.train_dataloader()))
+    params = {"tail": "bucket"} if loss != "forward_kl" else {}
+    ids = batch["input_ids"]
+    targets = losses.SparseTargets("topk", batch["teacher"]["topk_ids"], batch["teacher"]["topk_logprobs"])
+    got = stored.student_loss(ids, ids, targets, divergence=loss, ce_weight=0.3, **params)
+    want = online.student_loss(ids, ids, online.teacher_logits(ids), divergence=loss, ce_weight=0.3)
+    for key in ("loss", "kd", "ce"):
+        torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
+    # and the real training step reads the same targets from the batch
+    with pytest.warns(UserWarning, match="self.log"):
+        torch.testing.assert_close(stored.training_step(batch, 0), online.training_step(batch, 0), atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_a_store_that_cannot_feed_the_model_is_refused(tiny_teacher_dir, stores, tmp_path):
+    cases = [({"labels": stores["top1"]}, "use HardDistill"),
+             ({"labels": stores["topk"], "temperature": 2.0}, "set temperature=1.0"),
+             ({"labels": stores["sampled"], "loss": "reverse_kl"}, "loss='reverse_kl' has no unbiased estimate")]
+    for kwargs, message in cases:
+        model = SoftDistill(teacher=None, student=tiny_teacher_dir, **kwargs)
+        with pytest.raises(ValueError, match=message):
+            tiny_trainer(tmp_path, max_steps=1).fit(model, small_data())
+    with pytest.raises(ValueError, match="tail="):
+        SoftDistill(teacher=tiny_teacher_dir, loss="tvd", tail="renorm")
+    with pytest.raises(ValueError, match="tail"):
+        SoftDistill(teacher=tiny_teacher_dir, tail="drop")
+    with pytest.raises(ValueError, match="labels must be"):
+        SoftDistill(teacher=tiny_teacher_dir, labels="")
