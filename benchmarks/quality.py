@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct teacher -> 6-layer depth-pruned student (~49.5M parameters
 student's validation perplexity in domain and out of domain, KL(teacher || student), top-1 agreement with the
 teacher, the teacher storage per token the method needs, and wall time, plus validation perplexity against steps.
 
-    python benchmarks/quality.py                                # both budgets, every method (~45 min on 2 cores)
+    python benchmarks/quality.py                                # both budgets, every method (~30 min on 2 cores)
     python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl   # a subset
 
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
@@ -73,9 +73,9 @@ class Budget:
 
 BUDGETS = {
     "short": Budget(steps=40, batch_size=4, val_every=10, max_documents=None,
-                    label="40 steps x 4x128 tokens on the whole corpus (~0.2 epoch)"),
-    "multi_epoch": Budget(steps=120, batch_size=4, val_every=30, max_documents=16,
-                          label="120 steps x 4x128 tokens on 16 documents (~3 epochs)"),
+                    label="40 steps x 4x128 tokens on the whole corpus (0.2 epoch)"),
+    "multi_epoch": Budget(steps=60, batch_size=4, val_every=15, max_documents=8,
+                          label="60 steps x 4x128 tokens on 8 of the 79 documents (several epochs)"),
 }
 
 
@@ -142,7 +142,10 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
 def markdown(results: dict[str, list[dict[str, Any]]], machine: str, command: str) -> str:
     lines = [f"Machine: {machine}. Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.", ""]
     for budget_name, rows in results.items():
-        lines += [f"**{budget_name}**: {BUDGETS[budget_name].label}", "",
+        budget = BUDGETS[budget_name]
+        epochs = budget.steps * budget.batch_size / rows[0]["train_blocks"]
+        blocks = rows[0]["train_blocks"]
+        lines += [f"**{budget_name}**: {budget.label}: {epochs:.1f} epochs of {blocks} train blocks", "",
                   "| method | ppl in domain | ppl Shakespeare | KL(teacher‖student) | top-1 agreement | "
                   "teacher storage / token | train wall time |",
                   "|---|---:|---:|---:|---:|---|---:|"]
@@ -183,6 +186,19 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
+def write(out: Path, results: dict[str, list[dict[str, Any]]], methods: dict[str, Method], machine: str,
+          command: str) -> None:
+    """``out``.json (everything, with histories), .md (the table) and .png (perplexity against steps)."""
+    names = [row["method"] for rows in results.values() for row in rows]
+    payload = {"machine": machine, "command": command, "date": time.strftime("%Y-%m-%d"),
+               "budgets": {k: BUDGETS[k].label for k in results},
+               "methods": {n: {"class": methods[n].cls.__name__, **methods[n].kwargs} for n in names},
+               "results": results}
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
+    out.with_suffix(".md").write_text(markdown(results, machine, command))
+    plot(results, out.with_suffix(".png"))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--methods", default="all", help="comma-separated names, or 'all'")
@@ -205,17 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     cache = TeacherCache()
     results: dict[str, list[dict[str, Any]]] = {}
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "ld_quality"
-    for budget_name in args.budgets.split(","):
-        results[budget_name] = [run(n, methods[n], BUDGETS[budget_name], cache, args.seed, workdir) for n in names]
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"machine": machine, "command": command, "date": time.strftime("%Y-%m-%d"),
-               "budgets": {k: BUDGETS[k].label for k in results},
-               "methods": {n: {"class": methods[n].cls.__name__, **methods[n].kwargs} for n in names},
-               "results": results}
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    out.with_suffix(".md").write_text(markdown(results, machine, command))
-    plot(results, out.with_suffix(".png"))
+    for budget_name in args.budgets.split(","):
+        results[budget_name] = []
+        for name in names:  # results are written after every run: an interrupted benchmark keeps what it did
+            results[budget_name].append(run(name, methods[name], BUDGETS[budget_name], cache, args.seed, workdir))
+            write(out, results, methods, machine, command)
     print(out.with_suffix(".md").read_text())
 
 

@@ -1,7 +1,7 @@
 """How SoftDistill's default recipe was chosen: a sweep of divergence, CE weight, temperature, learning rate and
 frozen embeddings at one budget, each against the CE-only baseline, on the embedded default.
 
-    python benchmarks/recipe_sweep.py                      # ~25 min on 2 cores
+    python benchmarks/recipe_sweep.py                      # ~25 min on a quiet 2-core machine
     python benchmarks/recipe_sweep.py --steps 120 --only ce_only,fkl_ce0.5
 
 Writes ``benchmarks/results/recipe_sweep.{json,md}``. A good default keeps more of the teacher's general skill than
@@ -21,17 +21,20 @@ from quality import RESULTS, Budget, Method, TeacherCache, run
 from lightning_distill import SoftDistill
 
 CANDIDATES: dict[str, dict] = {
-    "ce_only": {"ce_weight": 1.0},
-    "ce_only_frozen_emb": {"ce_weight": 1.0, "train_embeddings": False},
-    "fkl_pure": {"ce_weight": 0.0},
-    "fkl_ce0.5": {"ce_weight": 0.5},
-    "fkl_ce0.5_frozen_emb": {"ce_weight": 0.5, "train_embeddings": False},
-    "fkl_pure_frozen_emb": {"ce_weight": 0.0, "train_embeddings": False},
+    "ce_only": {"ce_weight": 1.0, "learning_rate": 5e-4},
+    "ce_only_frozen_emb": {"ce_weight": 1.0, "train_embeddings": False, "learning_rate": 5e-4},
+    "fkl_pure": {"ce_weight": 0.0, "learning_rate": 5e-4},
+    "fkl_ce0.5": {"ce_weight": 0.5, "learning_rate": 5e-4},
+    "fkl_ce0.5_frozen_emb": {"ce_weight": 0.5, "train_embeddings": False, "learning_rate": 5e-4},
+    "fkl_pure_frozen_emb": {"ce_weight": 0.0, "train_embeddings": False, "learning_rate": 5e-4},
     "fkl_ce0.5_lr1e-3": {"ce_weight": 0.5, "learning_rate": 1e-3},
-    "fkl_ce0.5_T2": {"ce_weight": 0.5, "temperature": 2.0},
-    "jsd_ce0.5": {"ce_weight": 0.5, "loss": "generalized_jsd", "beta": 0.5},
-    "skew_kl_ce0.5": {"ce_weight": 0.5, "loss": "skew_kl", "alpha": 0.1},
-    "rkl_ce0.5": {"ce_weight": 0.5, "loss": "reverse_kl"},
+    "fkl_ce0.5_T2": {"ce_weight": 0.5, "temperature": 2.0, "learning_rate": 5e-4},
+    "ce_only_lr1e-3": {"ce_weight": 1.0, "learning_rate": 1e-3},
+    "fkl_pure_lr1e-3": {"ce_weight": 0.0, "learning_rate": 1e-3},
+    "fkl_ce0.5_lr2e-3": {"ce_weight": 0.5, "learning_rate": 2e-3},
+    "jsd_ce0.5": {"ce_weight": 0.5, "loss": "generalized_jsd", "beta": 0.5, "learning_rate": 5e-4},
+    "skew_kl_ce0.5": {"ce_weight": 0.5, "loss": "skew_kl", "alpha": 0.1, "learning_rate": 5e-4},
+    "rkl_ce0.5": {"ce_weight": 0.5, "loss": "reverse_kl", "learning_rate": 5e-4},
 }
 
 
