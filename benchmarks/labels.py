@@ -4,6 +4,7 @@ store, and student quality at equal steps (online soft KD vs top-k stored vs sam
     python benchmarks/labels.py                      # ~12-15 min on 2 quiet CPU cores
     python benchmarks/labels.py --threads 1          # when other jobs share the cores (2 threads then thrash)
     python benchmarks/labels.py --steps 20 --max-documents 8 --throughput-batches 2   # a quick smoke run
+    python benchmarks/labels.py --variants ce_only,online_soft,topk128_stored,sampled50_stored,topk32_renorm_stored
 
 Embedded teacher SmolLM2-135M-Instruct (``teacher_dtype="auto"``: bfloat16 where the CPU/GPU has native bf16),
 6-layer depth-pruned student, built-in corpus ``builtin:python-docs`` cut to ``--max-documents`` documents (the
