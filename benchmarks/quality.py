@@ -5,7 +5,7 @@ SmolLM2-135M-Instruct teacher -> 6-layer depth-pruned student (~49.5M parameters
 student's validation perplexity in domain and out of domain, KL(teacher || student), top-1 agreement with the
 teacher, the teacher storage per token the method needs, and wall time, plus validation perplexity against steps.
 
-    python benchmarks/quality.py                                # both budgets, every method (~30 min on 2 cores)
+    python benchmarks/quality.py                                # both budgets, every method (not yet timed end to end)
     python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl   # a subset
 
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs

@@ -1,7 +1,7 @@
 """How SoftDistill's default recipe was chosen: a sweep of divergence, CE weight, temperature, learning rate and
 frozen embeddings at one budget, each against the CE-only baseline, on the embedded default.
 
-    python benchmarks/recipe_sweep.py                      # ~25 min on a quiet 2-core machine
+    python benchmarks/recipe_sweep.py                      # 1-10 min per candidate on 2 cores (results/)
     python benchmarks/recipe_sweep.py --steps 120 --only ce_only,fkl_ce0.5
 
 Writes ``benchmarks/results/recipe_sweep.{json,md}``. A good default keeps more of the teacher's general skill than

@@ -58,7 +58,7 @@ class DistillModule(L.LightningModule):
         student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher), a model name, or
             ``{"config": {...}}`` for a fresh random model.
         teacher_dtype: dtype of a frozen teacher's weights: ``"bfloat16"`` halves its memory and, on GPUs and
-            CPUs with bf16 units, runs it ~3x faster; ``"auto"`` (default) picks bfloat16 where it is native,
+            CPUs with bf16 units, runs it faster; ``"auto"`` (default) picks bfloat16 where it is native,
             else float32; ``None`` keeps
             float32.
         learning_rate: peak learning rate of AdamW for the student (1e-3: best of a sweep for the pruned
