@@ -5,8 +5,14 @@ SmolLM2-135M-Instruct teacher -> 6-layer depth-pruned student (~49.5M parameters
 student's validation perplexity in domain and out of domain, KL(teacher || student), top-1 agreement with the
 teacher, the teacher storage per token the method needs, and wall time, plus validation perplexity against steps.
 
-    python benchmarks/quality.py                                # both budgets, every method (not yet timed end to end)
+    python benchmarks/quality.py                                # both budgets, every method
     python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl   # a subset
+    python benchmarks/quality.py --methods ce_only,soft_topk32_stored --max-steps 4 --out /tmp/q   # a smoke run
+
+Stored-label rows (``*_stored``) first label the budget's corpus with the frozen teacher once (one
+``trainer.predict`` pass, every store at once, time reported), then train from the store with no teacher in
+memory; their validation KL and agreement are still measured against the live teacher's full distribution, like
+every other row. Their storage column is the size of the store on disk per token.
 
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
 on a subset of the documents (the ranking of methods can change when the data repeats). Writes
@@ -22,7 +28,7 @@ import os
 import platform
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +37,7 @@ import torch
 
 from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
 from lightning_distill.backbone import bf16_is_fast
+from lightning_distill.callbacks import LabelWriter
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB_BYTES_FP32 = 49152 * 4
@@ -44,6 +51,7 @@ class Method:
     kwargs: dict[str, Any]
     storage: str  # what the method needs from the teacher, per token
     uses_frozen_teacher: bool = True
+    store: dict[str, Any] | None = None  # LabelWriter settings: trains from this label store, teacher absent
 
 
 def default_methods() -> dict[str, Method]:
@@ -59,6 +67,11 @@ def default_methods() -> dict[str, Method]:
         "co_distill": Method(CoDistill, {"schedule": "linear", "kd_weight": 0.5, "ramp_steps": 20,
                                          "teacher_learning_rate": 2e-5}, "live logits of a trained teacher",
                              uses_frozen_teacher=False),
+        "soft_topk32_stored": Method(soft, {}, "top-32 store", store={"kind": "topk", "k": 32}),
+        "soft_sampled12_stored": Method(soft, {}, "12-draw sampled store",
+                                        store={"kind": "sampled", "num_samples": 12}),
+        "hard_top1_stored": Method(HardDistill, {"mode": "top1", "ce_weight": 0.5}, "top-1 store",
+                                   store={"kind": "top1"}),
     }
 
 
@@ -68,14 +81,16 @@ class Budget:
     batch_size: int
     val_every: int
     max_documents: int | None  # None: the whole corpus
-    label: str = field(default="")
+
+    @property
+    def label(self) -> str:
+        corpus = "the whole corpus" if self.max_documents is None else f"{self.max_documents} of the 79 documents"
+        return f"{self.steps} steps x {self.batch_size}x128 tokens on {corpus}"
 
 
 BUDGETS = {
-    "short": Budget(steps=40, batch_size=4, val_every=10, max_documents=None,
-                    label="40 steps x 4x128 tokens on the whole corpus (0.2 epoch)"),
-    "multi_epoch": Budget(steps=60, batch_size=4, val_every=15, max_documents=8,
-                          label="60 steps x 4x128 tokens on 8 of the 79 documents (several epochs)"),
+    "short": Budget(steps=40, batch_size=4, val_every=10, max_documents=None),
+    "multi_epoch": Budget(steps=60, batch_size=4, val_every=15, max_documents=8),
 }
 
 
@@ -94,10 +109,12 @@ class History(L.Callback):
 
 class TeacherCache:
     """The frozen teacher's validation logits, computed once and shared by every method (identical inputs and a
-    frozen, deterministic teacher give identical logits). Keeps validation from dominating the benchmark."""
+    frozen, deterministic teacher give identical logits). Keeps validation from dominating the benchmark, and gives
+    the students trained from stored labels (no teacher in memory) the same live-teacher metrics as the others."""
 
     def __init__(self) -> None:
         self.store: dict[str, torch.Tensor] = {}
+        self.teacher: SoftDistill | None = None  # loaded on a miss by a module without a live teacher
 
     def wrap(self, module: SoftDistill | HardDistill) -> None:
         original = module.validation_teacher_logits
@@ -105,21 +122,54 @@ class TeacherCache:
         def cached(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
             key = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
             if key not in self.store:
-                logits = original(batch)
-                if logits is None:
-                    return None
+                logits = original(batch) if module.teacher is not None else self.live(batch, module.device)
                 self.store[key] = logits.to(torch.bfloat16)
             return self.store[key].to(module.device)
 
         module.validation_teacher_logits = cached
 
+    def live(self, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
+        if self.teacher is None:
+            self.teacher = SoftDistill(teacher_dtype="auto")
+            self.teacher.configure_model()
+        self.teacher.to(device)
+        return self.teacher.teacher_logits(batch["input_ids"].to(device))
 
-def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: int, workdir: Path) -> dict[str, Any]:
+
+def label(methods: dict[str, Method], budget: Budget, seed: int, workdir: Path) -> dict[str, Any]:
+    """Every store the budget's ``*_stored`` methods need, from one teacher pass over both splits of its corpus:
+    ``{"seconds": ..., "stores": {method name: {"path": ..., "bytes_per_token": ...}}}``."""
+    needed = {name: method for name, method in methods.items() if method.store is not None}
+    if not needed:
+        return {"seconds": 0.0, "stores": {}}
+    root = workdir / f"labels-{budget.max_documents or 'all'}-seed{seed}"
+    writers = {name: LabelWriter(str(root / name), **method.store, overwrite=True) for name, method in needed.items()}
+    teacher = SoftDistill(teacher_dtype="auto")
+    data = DistillDataModule(corpus="builtin:python-docs", block_size=128, batch_size=8,
+                             max_documents=budget.max_documents, seed=seed)
+    trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=list(writers.values()), default_root_dir=str(root))
+    start = time.perf_counter()
+    trainer.predict(teacher, datamodule=data, return_predictions=False)
+    seconds = time.perf_counter() - start
+    tokens = (len(data.train_blocks) + len(data.val_blocks)) * 128
+    stores = {}
+    for name in needed:
+        nbytes = sum(f.stat().st_size for f in (root / name).iterdir())
+        stores[name] = {"path": str(root / name), "bytes_per_token": nbytes / tokens}
+    print(f"[quality] labelled {tokens:,} tokens into {len(stores)} stores in {seconds:.0f} s", flush=True)
+    return {"seconds": seconds, "tokens": tokens, "stores": stores}
+
+
+def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: int, workdir: Path,
+        store: dict[str, Any] | None = None) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     fast = bf16_is_fast()
-    model = method.cls(teacher_dtype="auto", **method.kwargs)
+    labels = store["path"] if store else None
+    model = method.cls(teacher_dtype="auto", labels=labels, **method.kwargs)
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
-                             batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed)
+                             batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed,
+                             labels=labels)
     if method.uses_frozen_teacher:
         cache.wrap(model)
     history = History()
@@ -135,17 +185,22 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     final = history.rows[-1]
     print(f"[quality] {name}: in-domain ppl {final['val/ppl']:.1f}, ood ppl {final['val_ood/ppl']:.1f}, "
           f"kl {final['val/kl']:.3f}, agreement {final['val/agreement']:.3f}, {wall:.0f} s", flush=True)
-    return {"method": name, "storage": method.storage, "wall_s": wall, "final": final, "history": history.rows,
+    storage = method.storage if store is None else f"{method.storage}: {store['bytes_per_token']:,.0f} B on disk"
+    return {"method": name, "storage": storage, "wall_s": wall, "final": final, "history": history.rows,
             "train_blocks": len(data.train_blocks)}
 
 
-def markdown(results: dict[str, list[dict[str, Any]]], machine: str, command: str) -> str:
+def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict[str, Any]], machine: str,
+             command: str) -> str:
     lines = [f"Machine: {machine}. Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.", ""]
     for budget_name, rows in results.items():
         budget = BUDGETS[budget_name]
         epochs = budget.steps * budget.batch_size / rows[0]["train_blocks"]
         blocks = rows[0]["train_blocks"]
-        lines += [f"**{budget_name}**: {budget.label}: {epochs:.1f} epochs of {blocks} train blocks", "",
+        done = labelling.get(budget_name, {})
+        note = (f" Stored-label rows: the teacher labelled {done['tokens']:,} tokens (both splits) into their stores "
+                f"in one pass of {done['seconds']:.0f} s, not in their wall time." if done.get("stores") else "")
+        lines += [f"**{budget_name}**: {budget.label}: {epochs:.1f} epochs of {blocks} train blocks.{note}", "",
                   "| method | ppl in domain | ppl Shakespeare | KL(teacher‖student) | top-1 agreement | "
                   "teacher storage / token | train wall time |",
                   "|---|---:|---:|---:|---:|---|---:|"]
@@ -186,16 +241,17 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write(out: Path, results: dict[str, list[dict[str, Any]]], methods: dict[str, Method], machine: str,
-          command: str) -> None:
+def write(out: Path, results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict[str, Any]],
+          methods: dict[str, Method], machine: str, command: str) -> None:
     """``out``.json (everything, with histories), .md (the table) and .png (perplexity against steps)."""
     names = [row["method"] for rows in results.values() for row in rows]
     payload = {"machine": machine, "command": command, "date": time.strftime("%Y-%m-%d"),
-               "budgets": {k: BUDGETS[k].label for k in results},
-               "methods": {n: {"class": methods[n].cls.__name__, **methods[n].kwargs} for n in names},
+               "budgets": {k: BUDGETS[k].label for k in results}, "labelling": labelling,
+               "methods": {n: {"class": methods[n].cls.__name__, **methods[n].kwargs, "store": methods[n].store}
+                           for n in names},
                "results": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
-    out.with_suffix(".md").write_text(markdown(results, machine, command))
+    out.with_suffix(".md").write_text(markdown(results, labelling, machine, command))
     plot(results, out.with_suffix(".png"))
 
 
@@ -207,27 +263,40 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS / "quality"), help="output path without extension")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.ARG=VALUE",
                         help="override a method argument, e.g. soft_fkl.temperature=2 (JSON values)")
+    parser.add_argument("--max-steps", type=int, default=None,
+                        help="cap every budget's steps (and validate at the end): for a quick smoke run only")
     args = parser.parse_args(argv)
     methods = default_methods()
+    if args.max_steps is not None:
+        for budget in BUDGETS.values():
+            budget.steps = min(budget.steps, args.max_steps)
+            budget.val_every = min(budget.val_every, budget.steps)
     for item in args.set:
         target, value = item.split("=", 1)
         method_name, arg = target.split(".", 1)
         methods[method_name].kwargs[arg] = json.loads(value)
     names = list(methods) if args.methods == "all" else args.methods.split(",")
+    unknown = [name for name in names if name not in methods]
+    if unknown:
+        parser.error(f"--methods: unknown {unknown}; choose among {list(methods)}")
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
                f"precision {'bf16-mixed' if bf16_is_fast() else 'fp32'}")
     command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
     cache = TeacherCache()
     results: dict[str, list[dict[str, Any]]] = {}
+    labelling: dict[str, dict[str, Any]] = {}
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "ld_quality"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     for budget_name in args.budgets.split(","):
         results[budget_name] = []
+        labelling[budget_name] = label({n: methods[n] for n in names}, BUDGETS[budget_name], args.seed, workdir)
         for name in names:  # results are written after every run: an interrupted benchmark keeps what it did
-            results[budget_name].append(run(name, methods[name], BUDGETS[budget_name], cache, args.seed, workdir))
-            write(out, results, methods, machine, command)
+            store = labelling[budget_name]["stores"].get(name)
+            results[budget_name].append(run(name, methods[name], BUDGETS[budget_name], cache, args.seed, workdir,
+                                            store))
+            write(out, results, labelling, methods, machine, command)
     print(out.with_suffix(".md").read_text())
 
 
