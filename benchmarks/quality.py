@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import platform
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -64,6 +65,9 @@ def default_methods() -> dict[str, Method]:
         "hard_top1": Method(HardDistill, {"mode": "top1", "ce_weight": 0.5}, "2 B (one uint16 id)"),
         "hard_generate": Method(HardDistill, {"mode": "generate", "prompt_tokens": 32, "max_new_tokens": 96},
                                 "2 B per generated token"),
+        "hard_generate_sampled": Method(HardDistill, {"mode": "generate", "prompt_tokens": 32, "max_new_tokens": 96,
+                                                      "do_sample": True, "temperature": 0.7, "top_p": 0.95},
+                                        "2 B per generated token"),
         "co_distill": Method(CoDistill, {"schedule": "linear", "kd_weight": 0.5, "ramp_steps": 20,
                                          "teacher_learning_rate": 2e-5}, "live logits of a trained teacher",
                              uses_frozen_teacher=False),
@@ -166,7 +170,12 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     L.seed_everything(seed, verbose=False)
     fast = bf16_is_fast()
     labels = store["path"] if store else None
-    model = method.cls(teacher_dtype="auto", labels=labels, **method.kwargs)
+    extra: dict[str, Any] = {"labels": labels} if labels else {}
+    generations = workdir / f"generations-{budget.max_documents or 'all'}-{name}"
+    if method.kwargs.get("mode") == "generate":  # a fresh cache: the wall time includes generating
+        shutil.rmtree(generations, ignore_errors=True)
+        extra["generations_dir"] = str(generations)
+    model = method.cls(teacher_dtype="auto", **method.kwargs, **extra)
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
                              batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed,
                              labels=labels)
@@ -186,8 +195,24 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     print(f"[quality] {name}: in-domain ppl {final['val/ppl']:.1f}, ood ppl {final['val_ood/ppl']:.1f}, "
           f"kl {final['val/kl']:.3f}, agreement {final['val/agreement']:.3f}, {wall:.0f} s", flush=True)
     storage = method.storage if store is None else f"{method.storage}: {store['bytes_per_token']:,.0f} B on disk"
-    return {"method": name, "storage": storage, "wall_s": wall, "final": final, "history": history.rows,
-            "train_blocks": len(data.train_blocks)}
+    row = {"method": name, "storage": storage, "wall_s": wall, "final": final, "history": history.rows,
+           "train_blocks": len(data.train_blocks)}
+    if "generations_dir" in extra:
+        row["generations"] = generation_stats(generations, model.tokenizer.eos_token_id)
+    return row
+
+
+def generation_stats(folder: Path, eos_id: int | None) -> dict[str, float]:
+    """How repetitive the teacher's continuations are: their count and the share of distinct 4-grams within each
+    continuation up to its EOS padding (mean; 1 = no 4-gram repeats, low = the teacher loops)."""
+    shares = []
+    for file in folder.rglob("*.pt"):
+        ids = torch.load(file, weights_only=True).tolist()
+        while len(ids) > 4 and ids[-1] == eos_id:
+            ids.pop()
+        grams = [tuple(ids[i : i + 4]) for i in range(len(ids) - 3)]
+        shares.append(len(set(grams)) / max(len(grams), 1))
+    return {"continuations": len(shares), "distinct_4grams": sum(shares) / max(len(shares), 1)}
 
 
 def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict[str, Any]], machine: str,
@@ -214,6 +239,12 @@ def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict
             f = row["final"]
             lines.append(f"| {row['method']} | {f['val/ppl']:.1f} | {f['val_ood/ppl']:.1f} | {f['val/kl']:.3f} | "
                          f"{f['val/agreement']:.3f} | {row['storage']} | {row['wall_s']:.0f} s |")
+        lines.append("")
+        for row in rows:
+            if "generations" in row:
+                g = row["generations"]
+                lines.append(f"- {row['method']}: {g['continuations']} teacher continuations, "
+                             f"{g['distinct_4grams']:.0%} distinct 4-grams within a continuation on average.")
         lines.append("")
     return "\n".join(lines)
 
@@ -263,6 +294,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default=str(RESULTS / "quality"), help="output path without extension")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.ARG=VALUE",
                         help="override a method argument, e.g. soft_fkl.temperature=2 (JSON values)")
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the runs (and label stores) already in OUT.json, run only the missing ones")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="cap every budget's steps (and validate at the end): for a quick smoke run only")
     args = parser.parse_args(argv)
@@ -289,10 +322,23 @@ def main(argv: list[str] | None = None) -> None:
     workdir = Path(os.environ.get("TMPDIR", "/tmp")) / "ld_quality"
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
+    previous = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
+        else {}
     for budget_name in args.budgets.split(","):
         results[budget_name] = []
-        labelling[budget_name] = label({n: methods[n] for n in names}, BUDGETS[budget_name], args.seed, workdir)
+        kept = {row["method"]: row for row in previous.get("results", {}).get(budget_name, [])}
+        stored = previous.get("labelling", {}).get(budget_name, {}).get("stores", {})
+        needed = {n: methods[n] for n in names if n not in kept}
+        if all(n in stored and (Path(stored[n]["path"]) / "manifest.json").exists()
+               for n, m in needed.items() if m.store is not None):
+            labelling[budget_name] = previous["labelling"][budget_name] if stored else {"seconds": 0.0, "stores": {}}
+        else:
+            labelling[budget_name] = label(needed, BUDGETS[budget_name], args.seed, workdir)
         for name in names:  # results are written after every run: an interrupted benchmark keeps what it did
+            if name in kept:
+                print(f"[quality] {budget_name} {name}: kept from {out.with_suffix('.json')} (--resume)", flush=True)
+                results[budget_name].append(kept[name])
+                continue
             store = labelling[budget_name]["stores"].get(name)
             results[budget_name].append(run(name, methods[name], BUDGETS[budget_name], cache, args.seed, workdir,
                                             store))
