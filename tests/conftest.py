@@ -48,9 +48,17 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
-    """Token caches go to a temporary folder; converted builtin models keep the user's cache (slow to redo)."""
+    """Everything the tests cache (tokens, teacher generations) goes to a temporary folder, so the user's cache is
+    left as it was; only converted builtin models are shared with it, through a link (slow to redo)."""
+    from lightning_distill.backbone import cache_dir
+
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    models = cache_dir() / "models"
+    models.mkdir(parents=True, exist_ok=True)
+    isolated = tmp_path_factory.mktemp("ld_cache")
+    (isolated / "models").symlink_to(models.resolve(), target_is_directory=True)
+    os.environ["LIGHTNING_DISTILL_CACHE"] = str(isolated)
     os.environ["LIGHTNING_DISTILL_DATA_CACHE"] = str(tmp_path_factory.mktemp("data_cache"))
 
 
