@@ -5,14 +5,18 @@ SmolLM2-135M-Instruct teacher -> 6-layer depth-pruned student (~49.5M parameters
 student's validation perplexity in domain and out of domain, KL(teacher || student), top-1 agreement with the
 teacher, the teacher storage per token the method needs, and wall time, plus validation perplexity against steps.
 
-    python benchmarks/quality.py                                # both budgets, every method
+    python benchmarks/quality.py                  # both budgets, every method: 41 min on 2 quiet CPU cores (bf16)
     python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl   # a subset
+    python benchmarks/quality.py --resume         # after an interruption: run only what OUT.json lacks
+    python benchmarks/quality.py --replot         # redraw OUT.md and OUT.png from OUT.json
     python benchmarks/quality.py --methods ce_only,soft_topk32_stored --max-steps 4 --out /tmp/q   # a smoke run
 
 Stored-label rows (``*_stored``) first label the budget's corpus with the frozen teacher once (one
 ``trainer.predict`` pass, every store at once, time reported), then train from the store with no teacher in
 memory; their validation KL and agreement are still measured against the live teacher's full distribution, like
-every other row. Their storage column is the size of the store on disk per token.
+every other row. Their storage column is the size of the store on disk per token. Generate rows start from an
+empty generation cache (their wall time includes generating) and report how repetitive the teacher's
+continuations are.
 
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
 on a subset of the documents (the ranking of methods can change when the data repeats). Writes
@@ -216,8 +220,8 @@ def generation_stats(folder: Path, eos_id: int | None) -> dict[str, float]:
 
 
 def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict[str, Any]], machine: str,
-             command: str) -> str:
-    lines = [f"Machine: {machine}. Command: `{command}`. Date: {time.strftime('%Y-%m-%d')}.", ""]
+             command: str, date: str | None = None) -> str:
+    lines = [f"Machine: {machine}. Command: `{command}`. Date: {date or time.strftime('%Y-%m-%d')}.", ""]
     for budget_name, rows in results.items():
         budget = BUDGETS[budget_name]
         epochs = budget.steps * budget.batch_size / rows[0]["train_blocks"]
@@ -255,19 +259,22 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(len(results), 2, figsize=(11, 4 * len(results)), squeeze=False)
+    fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results)), squeeze=False)
+    colors = plt.get_cmap("tab20").colors
     for row_axes, (budget_name, rows) in zip(axes, results.items(), strict=True):
         for ax, key, title in ((row_axes[0], "val/ppl", "in domain (Python docs)"),
                                (row_axes[1], "val_ood/ppl", "out of domain (Shakespeare)")):
-            for row in rows:
-                steps = [h["step"] for h in row["history"]]
-                ax.plot(steps, [h[key] for h in row["history"]], marker="o", label=row["method"])
-            ax.axhline(rows[0]["final"][key.replace("/ppl", "/teacher_ppl")], color="k", ls="--", label="teacher")
+            for i, row in enumerate(rows):  # from the first validation after step 0 (the pruned student: ~5e6)
+                history = [h for h in row["history"] if h["step"] > 0]
+                color = colors[(2 * i) % 20 + (2 * i) // 20]  # the dark shades first, then the light ones
+                ax.plot([h["step"] for h in history], [h[key] for h in history], marker="o", markersize=3,
+                        color=color, ls="--" if row["method"].endswith("_stored") else "-", label=row["method"])
+            ax.axhline(rows[0]["final"][key.replace("/ppl", "/teacher_ppl")], color="k", ls=":", label="teacher")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("validation perplexity")
             ax.set_title(f"{budget_name}: {title}")
-        row_axes[1].legend(fontsize=8)
+        row_axes[1].legend(fontsize=8, loc="center left", bbox_to_anchor=(1.02, 0.5))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -296,6 +303,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="override a method argument, e.g. soft_fkl.temperature=2 (JSON values)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and label stores) already in OUT.json, run only the missing ones")
+    parser.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="cap every budget's steps (and validate at the end): for a quick smoke run only")
     args = parser.parse_args(argv)
@@ -315,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
     machine = (f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, torch {torch.__version__}, "
                f"{'CUDA ' + torch.cuda.get_device_name() if torch.cuda.is_available() else 'no GPU'}, "
                f"precision {'bf16-mixed' if bf16_is_fast() else 'fp32'}")
-    command = "python benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = " ".join(["python benchmarks/quality.py", *(argv if argv is not None else sys.argv[1:])])
     cache = TeacherCache()
     results: dict[str, list[dict[str, Any]]] = {}
     labelling: dict[str, dict[str, Any]] = {}
@@ -324,6 +332,12 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
         else {}
+    if args.replot:
+        payload = json.loads(out.with_suffix(".json").read_text())
+        out.with_suffix(".md").write_text(markdown(payload["results"], payload["labelling"], payload["machine"],
+                                                   payload["command"].strip(), payload["date"]))
+        plot(payload["results"], out.with_suffix(".png"))
+        return
     for budget_name in args.budgets.split(","):
         results[budget_name] = []
         kept = {row["method"]: row for row in previous.get("results", {}).get(budget_name, [])}
