@@ -92,3 +92,19 @@ def tiny_trainer(tmp_path, **overrides):
               "enable_progress_bar": False, "enable_model_summary": False, "logger": False,
               "default_root_dir": str(tmp_path), "num_sanity_val_steps": 0}
     return L.Trainer(**{**kwargs, **overrides})
+
+
+def small_data(**overrides):
+    """76 blocks of 32 tokens (66 train, 10 validation): labelled in about a second by the tiny teacher."""
+    return tiny_data(**{"max_documents": 2, "val_fraction": 0.5, **overrides})
+
+
+def write_labels(model, path, data=None, trainer_kwargs=None, **writer_kwargs) -> str:
+    """Label ``data`` (default ``small_data()``) with ``model``'s teacher through ``trainer.predict`` and a
+    LabelWriter into ``path``; returns the store's path."""
+    from lightning_distill.callbacks import LabelWriter
+
+    writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
+    trainer = tiny_trainer(path.parent, callbacks=[writer], **(trainer_kwargs or {}))
+    assert trainer.predict(model, datamodule=data or small_data()) is None  # predictions are not kept
+    return str(path)

@@ -13,7 +13,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, requires_builtin, tiny_data, tiny_trainer
+from conftest import TINY_STUDENT, requires_builtin, small_data, tiny_trainer, write_labels
 from transformers import AutoModelForCausalLM
 
 from lightning_distill import DistillDataModule, HardDistill, SoftDistill, losses
@@ -240,19 +240,6 @@ def test_wandb_offline_run_of_soft_config_holds_metrics_config_table_and_artifac
 
 
 # --------------------------------------------------------------------------------------- LabelWriter (labels)
-def small_data(**overrides):
-    """76 blocks of 32 tokens (66 train, 10 validation): labelled in about a second by the tiny teacher."""
-    return tiny_data(**{"max_documents": 2, "val_fraction": 0.5, **overrides})
-
-
-def label(model, path, data=None, trainer_kwargs=None, **writer_kwargs):
-    """Run trainer.predict with a LabelWriter into ``path``; returns the writer."""
-    writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
-    trainer = tiny_trainer(path.parent, callbacks=[writer], **(trainer_kwargs or {}))
-    assert trainer.predict(model, datamodule=data or small_data()) is None  # predictions are not kept
-    return writer
-
-
 def manifest(path):
     return json.loads((path / "manifest.json").read_text())
 
@@ -264,7 +251,7 @@ def soft_teacher(tiny_teacher_dir):
 
 def test_label_writer_stores_both_splits_with_a_full_manifest(soft_teacher, tmp_path):
     path = tmp_path / "topk"
-    label(soft_teacher, path, k=8, value_dtype="float32")
+    write_labels(soft_teacher, path, k=8, value_dtype="float32")
     data = small_data()
     data.set_tokenizer(soft_teacher.tokenizer)
     data.setup()
@@ -288,29 +275,29 @@ def test_label_writer_stores_both_splits_with_a_full_manifest(soft_teacher, tmp_
 
 def test_label_writer_resumes_and_never_rewrites_silently(soft_teacher, tmp_path, monkeypatch):
     once = tmp_path / "once"
-    label(soft_teacher, once, kind="top1", splits=["train"])
+    write_labels(soft_teacher, once, kind="top1", splits=["train"])
     path = tmp_path / "resumed"
-    label(soft_teacher, path, kind="top1", splits=["train"], trainer_kwargs={"limit_predict_batches": 9})
+    write_labels(soft_teacher, path, kind="top1", splits=["train"], trainer_kwargs={"limit_predict_batches": 9})
     assert not manifest(path)["complete"]  # interrupted after 36 blocks: 2 shards of 16 written
     assert len(list(path.glob("train-*.npy"))) == 2
     calls = []
     real = SoftDistill.predict_step
     monkeypatch.setattr(SoftDistill, "predict_step", lambda self, batch, *a: calls.append(batch) or real(
         self, batch, *a))
-    label(soft_teacher, path, kind="top1", splits=["train"])
+    write_labels(soft_teacher, path, kind="top1", splits=["train"])
     assert sum(len(b["block_idx"]) for b in calls) == 66 - 32  # written shards are not recomputed
     assert manifest(path)["complete"]
     for shard in sorted(once.glob("train-*.npy")):
         assert (path / shard.name).read_bytes() == shard.read_bytes()  # same store as in one go
     with pytest.raises(FileExistsError, match="never rewritten silently"):
-        label(soft_teacher, path, kind="top1", splits=["train"])
-    label(soft_teacher, path, kind="top1", splits=["train"], overwrite=True)
+        write_labels(soft_teacher, path, kind="top1", splits=["train"])
+    write_labels(soft_teacher, path, kind="top1", splits=["train"], overwrite=True)
     assert manifest(path)["complete"]
 
 
 def test_label_writer_sampled_and_generate_kinds(tiny_teacher_dir, soft_teacher, tmp_path):
     path = tmp_path / "sampled"
-    label(soft_teacher, path, kind="sampled", num_samples=5, temperature=2.0, splits=["validation"])
+    write_labels(soft_teacher, path, kind="sampled", num_samples=5, temperature=2.0, splits=["validation"])
     block = LabelStore(path).split("validation")[3]
     assert block["sample_ids"].shape == (32, 5) and torch.allclose(block["sample_weights"].sum(-1), torch.ones(32))
     assert manifest(path)["temperature"] == 2.0 and "train" not in manifest(path)["splits"]
@@ -318,7 +305,7 @@ def test_label_writer_sampled_and_generate_kinds(tiny_teacher_dir, soft_teacher,
     hard = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="generate", prompt_tokens=8,
                        max_new_tokens=4)
     path = tmp_path / "generate"
-    label(hard, path, kind="generate", splits=["validation"])
+    write_labels(hard, path, kind="generate", splits=["validation"])
     assert manifest(path)["generation"]["prompt_tokens"] == 8
     data = small_data()
     data.set_tokenizer(hard.tokenizer)
@@ -327,7 +314,7 @@ def test_label_writer_sampled_and_generate_kinds(tiny_teacher_dir, soft_teacher,
     assert torch.equal(torch.stack([LabelStore(path).split("validation")[i]["continuation"] for i in range(2)]),
                        expected)
     with pytest.raises(ValueError, match="kind='generate' does not fit SoftDistill"):
-        label(soft_teacher, tmp_path / "bad", kind="generate")
+        write_labels(soft_teacher, tmp_path / "bad", kind="generate")
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [({"kind": "logits"}, "kind"), ({"k": 0}, "k"),

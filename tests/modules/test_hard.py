@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, tiny_data, tiny_trainer
+from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
 from lightning_distill import HardDistill
-from lightning_distill.callbacks import LabelWriter
 from lightning_distill.modules import base
 
 
@@ -71,17 +70,6 @@ def test_bad_arguments(tiny_teacher_dir, kwargs, name):
 
 
 # ----------------------------------------------------------------------------------------------- stored labels
-def small_data(**overrides):
-    """76 blocks of 32 tokens (66 train, 10 validation)."""
-    return tiny_data(**{"max_documents": 2, "val_fraction": 0.5, **overrides})
-
-
-def label(model, path, **writer_kwargs):
-    writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
-    tiny_trainer(path.parent, callbacks=[writer]).predict(model, datamodule=small_data())
-    return str(path)
-
-
 def batch_with_labels(model, store):
     data = small_data(labels=store)
     data.set_tokenizer(model.tokenizer)
@@ -91,7 +79,7 @@ def batch_with_labels(model, store):
 
 @pytest.mark.parametrize("kind", ["top1", "topk", "sampled"])
 def test_top1_from_any_per_position_store_equals_the_live_teacher(tiny_teacher_dir, tmp_path, kind):
-    store = label(HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / kind, kind=kind, k=4,
+    store = write_labels(HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / kind, kind=kind, k=4,
                   num_samples=3)
     live = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="top1", ce_weight=0.25)
     live.configure_model()
@@ -108,7 +96,7 @@ def test_generate_store_trains_without_the_teacher(tiny_teacher_dir, tmp_path, m
     kwargs = {"student": TINY_STUDENT, "mode": "generate", "prompt_tokens": 8, "max_new_tokens": 6}
     writer = HardDistill(teacher=tiny_teacher_dir, generations_dir=str(tmp_path / "cache"), **kwargs)
     writer.configure_model()
-    store = label(writer, tmp_path / "generate", kind="generate")
+    store = write_labels(writer, tmp_path / "generate", kind="generate")
     batch = batch_with_labels(writer, store)
     # the stored continuation of a block is the live mode's, and both modes train on the same sequences
     assert torch.equal(writer.teacher_sequences(batch["input_ids"])[0],
@@ -124,8 +112,8 @@ def test_generate_store_trains_without_the_teacher(tiny_teacher_dir, tmp_path, m
 def test_a_store_that_cannot_feed_the_mode_is_refused(tiny_teacher_dir, tmp_path):
     model = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="generate", prompt_tokens=8,
                         max_new_tokens=4)
-    generate = label(model, tmp_path / "generate", kind="generate", splits=["validation"])
-    top1 = label(model.__class__(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / "top1", kind="top1",
+    generate = write_labels(model, tmp_path / "generate", kind="generate", splits=["validation"])
+    top1 = write_labels(model.__class__(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / "top1", kind="top1",
                  splits=["validation"])
     cases = [({"mode": "top1", "labels": generate}, "set mode='generate'"),
              ({"mode": "generate", "labels": top1}, "set mode='top1'"),

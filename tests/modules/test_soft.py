@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, tiny_data, tiny_trainer
+from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
 from lightning_distill import SoftDistill, losses
-from lightning_distill.callbacks import LabelWriter
 from lightning_distill.modules import base
 
 
@@ -72,28 +71,16 @@ def test_bad_arguments(tiny_teacher_dir, kwargs, name):
 
 
 # ----------------------------------------------------------------------------------------------- stored labels
-def small_data(**overrides):
-    """76 blocks of 32 tokens (66 train, 10 validation)."""
-    return tiny_data(**{"max_documents": 2, "val_fraction": 0.5, **overrides})
-
-
-def label(model, path, **writer_kwargs):
-    """Write a label store of ``small_data()`` with ``model``'s teacher through trainer.predict."""
-    writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
-    tiny_trainer(path.parent, callbacks=[writer]).predict(model, datamodule=small_data())
-    return str(path)
-
-
 @pytest.fixture(scope="module")
 def stores(tiny_teacher_dir, tmp_path_factory):
     """Stores of the tiny teacher's signal: top-k (k = V, float32), top-k (k = 8), sampled (6 draws), top-1."""
     root = tmp_path_factory.mktemp("soft_labels")
     model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
     vocab = len(model.tokenizer)
-    return {"full": label(model, root / "full", k=vocab, value_dtype="float32"),
-            "topk": label(model, root / "topk", k=8),
-            "sampled": label(model, root / "sampled", kind="sampled", num_samples=6),
-            "top1": label(model, root / "top1", kind="top1")}
+    return {"full": write_labels(model, root / "full", k=vocab, value_dtype="float32"),
+            "topk": write_labels(model, root / "topk", k=8),
+            "sampled": write_labels(model, root / "sampled", kind="sampled", num_samples=6),
+            "top1": write_labels(model, root / "top1", kind="top1")}
 
 
 def test_trains_from_a_store_without_loading_the_teacher(tiny_teacher_dir, stores, tmp_path, monkeypatch):
