@@ -112,12 +112,11 @@ class HardDistill(DistillModule):
                 picks = self.teacher_logits(batch["input_ids"]).argmax(-1)  # (B, T): teacher's next token at t
             parts = self.student_loss(batch["input_ids"], batch["labels"], picks, ce_weight=self.ce_weight)
         else:
-            prompts = batch["input_ids"][:, : self.prompt_tokens]  # (B, P)
             if self.labels is not None:
-                continuations = self.stored_signal(batch)["continuation"]  # (B, N)
+                prompts = batch["input_ids"][:, : self.prompt_tokens]  # (B, P)
+                sequences, targets = self.sequences(prompts, self.stored_signal(batch)["continuation"])
             else:
-                continuations = self.continuations(prompts)
-            sequences, targets = self.sequences(prompts, continuations)  # (B, P + N) each
+                sequences, targets = self.teacher_sequences(batch["input_ids"])  # (B, P + N) each
             parts = self.student_loss(sequences, targets, ce_weight=1.0)
             parts = {"loss": parts["loss"], "kd": parts["ce"], "tokens": parts["tokens"]}
         self.log_train(parts, batch["input_ids"].shape[0])
