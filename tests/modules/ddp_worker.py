@@ -43,6 +43,10 @@ def main() -> None:
                   "loss": float(trainer.callback_metrics["train/loss"])}
         with open(out, "w") as f:
             json.dump(report, f)
+    # Tear gloo down before the interpreter exits: left to exit, its threads can abort the process (seen once:
+    # "terminate called without an active exception", exit -6, after a complete run).
+    trainer.strategy.barrier()
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
