@@ -319,17 +319,12 @@ def small(tok, **kwargs) -> DistillDataModule:
 @pytest.fixture(scope="module")
 def store(tiny_teacher_dir, tmp_path_factory):
     """A top-k store (k = 4) of the small corpus, written by the tiny teacher through trainer.predict."""
-    from conftest import TINY_STUDENT, tiny_trainer
+    from conftest import TINY_STUDENT, write_labels
 
     from lightning_distill import SoftDistill
-    from lightning_distill.callbacks import LabelWriter
 
-    path = tmp_path_factory.mktemp("labels") / "topk"
     model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
-    writer = LabelWriter(str(path), k=4, shard_blocks=16)
-    data = DistillDataModule(max_documents=2, val_fraction=0.5, block_size=32, batch_size=4)
-    tiny_trainer(path.parent, callbacks=[writer]).predict(model, datamodule=data)
-    return path
+    return Path(write_labels(model, tmp_path_factory.mktemp("labels") / "topk", k=4))
 
 
 def test_corpus_fingerprint_follows_the_blocks(tok):

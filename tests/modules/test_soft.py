@@ -7,6 +7,7 @@ import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
 from lightning_distill import SoftDistill, losses
+from lightning_distill import labels as labels_lib
 from lightning_distill.modules import base
 
 
@@ -126,7 +127,7 @@ def test_stored_top_k_with_k_equal_v_gives_the_online_loss(tiny_teacher_dir, sto
     batch = next(iter(data.train_dataloader()))
     params = {"tail": "bucket"} if loss != "forward_kl" else {}
     ids = batch["input_ids"]
-    targets = losses.SparseTargets("topk", batch["teacher"]["topk_ids"], batch["teacher"]["topk_logprobs"])
+    targets = labels_lib.sparse_targets(batch["teacher"])
     got = stored.student_loss(ids, ids, targets, divergence=loss, ce_weight=0.3, **params)
     want = online.student_loss(ids, ids, online.teacher_logits(ids), divergence=loss, ce_weight=0.3)
     for key in ("loss", "kd", "ce"):
