@@ -50,9 +50,8 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lightning_distill import DistillDataModule, HardDistill, SoftDistill, losses
-from lightning_distill.callbacks import LabelWriter
-from lightning_distill.labels import LabelStore
+from lightning_distill import DistillDataModule, HardDistill, SoftDistill, losses, optim
+from lightning_distill.store import LabelStore, LabelWriter
 
 RESULTS = Path(__file__).parent / "results"
 TEACHER = "builtin:smollm2-135m-instruct"
@@ -87,9 +86,9 @@ def parse(argv: list[str]) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def data_module(args: argparse.Namespace, batch_size: int, labels: str | None = None) -> DistillDataModule:
+def data_module(args: argparse.Namespace, batch_size: int) -> DistillDataModule:
     return DistillDataModule(corpus="builtin:python-docs", block_size=128, batch_size=batch_size, seed=0,
-                             max_documents=args.max_documents, labels=labels)
+                             max_documents=args.max_documents)
 
 
 def quiet_trainer(root: Path, **kwargs: Any) -> L.Trainer:
@@ -199,15 +198,15 @@ def train_lockstep(args: argparse.Namespace, models: dict[str, L.LightningModule
     loaders, optimizers, schedulers, times = {}, {}, {}, {}
     for name, model in models.items():
         model.configure_model()
-        model.setup("fit")  # reads the store's manifest and checks it fits
-        data = data_module(args, args.batch_size, labels=model.labels)
+        model.setup("fit")  # opens the store (if any) and checks it fits the method
+        data = data_module(args, args.batch_size)
         data.set_tokenizer(model.tokenizer)
         data.setup("fit")
         loaders[name] = iter(data.train_dataloader())
         config = model.configure_optimizers()
         optimizers[name] = config["optimizer"]
         schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[name], lambda step, m=model: m.lr_factor(step, args.steps))
+            optimizers[name], lambda step, m=model: optim.lr_factor(step, args.steps, m.warmup_steps, m.min_lr_ratio))
         times[name] = []
     first = next(iter(models.values()))
     for other in list(models.values())[1:]:  # identical initial students

@@ -42,7 +42,7 @@ import torch
 
 from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
 from lightning_distill.backbone import bf16_is_fast
-from lightning_distill.callbacks import LabelWriter
+from lightning_distill.store import LabelWriter
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB_BYTES_FP32 = 49152 * 4
@@ -181,8 +181,7 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
         extra["generations_dir"] = str(generations)
     model = method.cls(teacher_dtype="auto", **method.kwargs, **extra)
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
-                             batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed,
-                             labels=labels)
+                             batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed)
     if method.uses_frozen_teacher:
         cache.wrap(model)
     history = History()

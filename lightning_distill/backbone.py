@@ -125,7 +125,7 @@ def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
 
 def load_model(name: str, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
     """A causal LM from a name (builtin, Hugging Face id or folder), on CPU, in ``dtype`` (default float32)."""
-    dtype = _as_dtype(dtype) or torch.float32
+    dtype = as_dtype(dtype) or torch.float32
     return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
 
 
@@ -290,7 +290,7 @@ def bf16_is_fast() -> bool:
         return False
 
 
-def _as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":

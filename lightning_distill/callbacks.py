@@ -7,8 +7,7 @@ W&B online or offline is decided once, when :class:`OfflineFirstWandbLogger` is 
 otherwise, so that a machine without an account or a network never blocks on a login prompt or a connection.
 Offline runs are uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``.
 
-:class:`LabelWriter` is the labelling writer of ``lightning-distill predict``: the teacher's signal over the corpus,
-stored once (:mod:`lightning_distill.labels`).
+The labelling callback of ``lightning-distill predict`` is :class:`lightning_distill.store.LabelWriter`.
 """
 
 from __future__ import annotations
@@ -20,15 +19,9 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import lightning as L
-import numpy as np
-import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from transformers import AutoConfig
-
-from lightning_distill import labels as labels_lib
-from lightning_distill.backbone import resolve_model_path, tokenizer_fingerprint
 
 #: prompts of :class:`SampleTable` when none are given: the built-in corpus (Python docs) and out of domain
 DEFAULT_PROMPTS = (
@@ -251,150 +244,3 @@ class ExportStudent(L.Callback):
                                   metadata={"method": type(pl_module).__name__, "step": trainer.global_step})
         artifact.add_dir(path)
         run.log_artifact(artifact, aliases=["latest"])
-
-
-# ---------------------------------------------------------------------------------------------- labelling
-class LabelWriter(L.Callback):
-    """The labelling writer of ``lightning-distill predict``: stores the teacher's signal over the corpus once, as a
-    label store (:mod:`lightning_distill.labels`) that any number of students then train from, teacher absent.
-
-    Under ``trainer.predict`` with a :class:`~lightning_distill.data.DistillDataModule`, every rank labels its share
-    of the unwritten shards (the i-th goes to rank i mod world size); the module's ``predict_step`` gives teacher
-    logits (HardDistill in ``generate`` mode: continuations), reduced where they are (on the GPU when there is one)
-    to the stored kind. A shard is written, atomically and with its checksum, as soon as all its blocks are in;
-    rank zero writes the manifest last. A rerun resumes: written shards are skipped, not recomputed. A complete
-    store is never rewritten unless ``overwrite``. Predictions are not kept in memory.
-
-    Args:
-        path: folder of the store.
-        kind: ``"topk"``, ``"sampled"``, ``"top1"``, or ``"generate"`` (with ``HardDistill(mode="generate")``).
-        k: ``topk``: ids kept per position, in [1, vocabulary size].
-        num_samples: ``sampled``: draws per position, in [1, 65535].
-        temperature: > 0: stored log-probs and draws are of softmax(logits / temperature); train at the same.
-        value_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: dtype of stored log-probs and entropies.
-        splits: splits to label, among ``"train"`` and ``"validation"`` (stored validation labels give
-            ``val/kl`` and ``val/agreement`` when training from the store).
-        shard_blocks: blocks per shard, >= 1: the unit of writing, of resuming and of the work split over ranks.
-        seed: seeds the draws of ``sampled`` (per batch: reproducible for the same batch layout).
-        overwrite: replace a complete store, or an unfinished one with other settings.
-    """
-
-    def __init__(self, path: str, kind: str = "topk", k: int = 32, num_samples: int = 12, temperature: float = 1.0,
-                 value_dtype: str = "float16", splits: list[str] | None = None, shard_blocks: int = 256,
-                 seed: int = 0, overwrite: bool = False) -> None:
-        splits = list(labels_lib.SPLITS) if splits is None else list(splits)
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"path must be the folder to write the label store to, got {path!r}")
-        if kind not in labels_lib.KINDS:
-            raise ValueError(f"kind must be one of {labels_lib.KINDS}, got {kind!r}")
-        for name, value, low, high in (("k", k, 1, None), ("num_samples", num_samples, 1, 2**16 - 1),
-                                       ("shard_blocks", shard_blocks, 1, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-                raise ValueError(f"{name} must be an integer in [{low}, {high or 'inf'}], got {value!r}")
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if value_dtype not in labels_lib.VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(labels_lib.VALUE_DTYPES)}, got {value_dtype!r}")
-        if not splits or not set(splits) <= set(labels_lib.SPLITS) or len(set(splits)) != len(splits):
-            raise ValueError(f"splits must be distinct names among {labels_lib.SPLITS}, got {splits!r}")
-        self.path, self.kind, self.k, self.num_samples = path, kind, k, num_samples
-        self.temperature, self.value_dtype, self.splits = float(temperature), value_dtype, splits
-        self.shard_blocks, self.seed, self.overwrite = shard_blocks, seed, overwrite
-        self.writer: labels_lib.StoreWriter | None = None
-        self._buffers: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
-
-    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        """Prepare the store (rank zero), then give the data module this rank's share of the unwritten shards."""
-        if stage != "predict":
-            return
-        data = trainer.datamodule
-        if not hasattr(data, "plan_predict"):
-            raise ValueError("LabelWriter labels a DistillDataModule's blocks by block_idx: run "
-                             "trainer.predict(model, datamodule=DistillDataModule(...))")
-        if not pl_module.needs_teacher():
-            raise ValueError("LabelWriter needs a live teacher: the model has labels= set or no teacher")
-        settings = pl_module.label_settings()
-        if (self.kind == "generate") != ("generation" in settings):
-            raise ValueError(f"kind={self.kind!r} does not fit {type(pl_module).__name__} here: 'generate' stores "
-                             "come from HardDistill(mode='generate'), the other kinds from a model's logits")
-        vocab = _teacher_vocab(pl_module)
-        if self.kind == "topk" and self.k > vocab:
-            raise ValueError(f"k must be at most the vocabulary size {vocab}, got {self.k}")
-        self.blocks = {"train": len(data.train_blocks), "validation": len(data.val_blocks)}
-        self.block_size = data.hparams.block_size
-        new_tokens = settings.get("generation", {}).get("max_new_tokens", 0)
-        self.dtype = labels_lib.record_dtype(self.kind, data.hparams.block_size, vocab, k=self.k,
-                                             num_samples=self.num_samples, value_dtype=self.value_dtype,
-                                             new_tokens=new_tokens)
-        header = {
-            "kind": self.kind, **settings, "tokenizer": tokenizer_fingerprint(pl_module.tokenizer),
-            "vocab_size": vocab, "corpus": data.corpus_fingerprint(), "corpus_settings": data.corpus_settings(),
-            "block_size": data.hparams.block_size, "temperature": self.temperature,
-            "k": self.k if self.kind == "topk" else None,
-            "num_samples": self.num_samples if self.kind == "sampled" else None,
-            "value_dtype": self.value_dtype, "seed": self.seed, "shard_blocks": self.shard_blocks,
-            "record": [[n, self.dtype[n].base.str, list(self.dtype[n].shape)] for n in self.dtype.names],
-            "bytes_per_block": self.dtype.itemsize, "splits": {s: {"blocks": self.blocks[s]} for s in self.splits},
-        }
-        self.writer = labels_lib.StoreWriter(self.path, header, self.overwrite)
-        if trainer.is_global_zero:
-            self.writer.prepare()
-        trainer.strategy.barrier("LabelWriter.prepare")
-        done, size = self.writer.finished(), self.shard_blocks
-        todo = [(s, i) for s in self.splits for i in range(-(-self.blocks[s] // size)) if (s, i) not in done]
-        mine = todo[trainer.global_rank :: trainer.world_size]
-        data.plan_predict({s: [b for split, i in mine if split == s
-                               for b in range(i * size, min((i + 1) * size, self.blocks[s]))] for s in self.splits})
-        rank_zero_info(f"LabelWriter: {len(todo)} shard(s) of {self.kind!r} labels to write into {self.path} "
-                       f"({len(done)} already written)")
-        self._buffers = {}
-        trainer.predict_loop.return_predictions = False  # the logits of a whole corpus would not fit in memory
-
-    def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch: Any,
-                             batch_idx: int, dataloader_idx: int = 0) -> None:
-        """Reduce a batch's teacher signal to records and write every shard it completes."""
-        split = self.splits[dataloader_idx]
-        signal = prediction.get("continuations" if self.kind == "generate" else "logits")
-        if signal is None:
-            raise ValueError(f"kind={self.kind!r} needs {'continuations' if self.kind == 'generate' else 'logits'} "
-                             f"from predict_step; {type(pl_module).__name__} gave {sorted(prediction)}")
-        first = int(prediction["block_idx"][0])
-        seed = self.seed * 1_000_003 + labels_lib.SPLITS.index(split) * 1_000_000_007 + first
-        generator = torch.Generator(signal.device).manual_seed(seed % 2**63)
-        fields = labels_lib.encode(self.kind, signal, k=self.k, num_samples=self.num_samples,
-                                   temperature=self.temperature, generator=generator)
-        records = labels_lib.to_records(fields, self.dtype, self.value_dtype)  # (B,)
-        for row, block in enumerate(prediction["block_idx"].tolist()):
-            shard, offset = divmod(block, self.shard_blocks)
-            if (split, shard) not in self._buffers:
-                rows = min(self.shard_blocks, self.blocks[split] - shard * self.shard_blocks)
-                self._buffers[split, shard] = (np.empty(rows, self.dtype), np.zeros(rows, dtype=bool))
-            buffer, filled = self._buffers[split, shard]
-            buffer[offset], filled[offset] = records[row], True
-            if filled.all():
-                self.writer.write(split, shard, buffer)
-                del self._buffers[split, shard]
-
-    def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        """Once every rank is done, rank zero writes the complete manifest (or says what is missing)."""
-        trainer.strategy.barrier("LabelWriter.finish")
-        if not trainer.is_global_zero or self.writer is None:
-            return
-        missing = self.writer.finish()
-        if missing:
-            rank_zero_warn(f"LabelWriter: {len(missing)} shard(s) of {self.path} are not written yet (e.g. "
-                           f"{missing[0]}); run the same command again to resume")
-            return
-        tokens = sum(self.blocks[s] for s in self.splits) * self.block_size
-        rank_zero_info(f"LabelWriter: {self.path} is complete: {self.writer.nbytes() / 2**20:.1f} MiB, "
-                       f"{self.writer.nbytes() / tokens:.1f} bytes per token")
-
-def _teacher_vocab(pl_module: L.LightningModule) -> int:
-    """The teacher's output size: from its config (read without loading it), else the tokenizer's length."""
-    teacher = getattr(pl_module, "teacher", None)
-    if teacher is not None:
-        return int(teacher.config.vocab_size)
-    name = getattr(pl_module, "teacher_name", None)
-    if isinstance(name, str):
-        return int(AutoConfig.from_pretrained(resolve_model_path(name)).vocab_size)
-    return len(pl_module.tokenizer)

@@ -19,11 +19,18 @@ from lightning_distill.data import DistillDataModule
 from lightning_distill.modules import DistillModule
 
 
+EPILOG = """more commands:
+  export              lightning-distill export --ckpt PATH --out DIR: a checkpoint's student as a Hugging Face folder
+  demo                lightning-distill demo [--steps N ...]: distil the embedded teacher and print what it achieved
+"""
+
+
 class DistillCLI(LightningCLI):
     """LightningCLI over every :class:`DistillModule` subclass and :class:`DistillDataModule`."""
 
     def __init__(self, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        kwargs.setdefault("parser_kwargs", {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter})
         super().__init__(DistillModule, DistillDataModule, subclass_mode_model=True, **kwargs)
 
 

@@ -9,6 +9,7 @@ the student is exported as a Hugging Face folder.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from pathlib import Path
 
@@ -52,8 +53,12 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare",
                              block_size=args.block_size, batch_size=args.batch_size)
     precision = "bf16-mixed" if bf16_is_fast() else "32-true"
+    data.set_tokenizer(model.tokenizer, model.max_positions)
+    data.prepare_data()
+    data.setup("fit")
+    epochs = math.ceil(args.steps / math.ceil(len(data.train_blocks) / args.batch_size))  # for the progress bar
     # Validate once, at the last step (the "after" numbers); check_val_every_n_epoch=None counts in steps.
-    trainer = L.Trainer(max_steps=args.steps, precision=precision, limit_val_batches=args.val_batches,
+    trainer = L.Trainer(max_steps=args.steps, max_epochs=epochs, precision=precision, limit_val_batches=args.val_batches,
                         val_check_interval=args.steps, check_val_every_n_epoch=None, logger=False,
                         default_root_dir=str(out), enable_model_summary=False, num_sanity_val_steps=0,
                         log_every_n_steps=5)

@@ -102,7 +102,7 @@ def small_data(**overrides):
 def write_labels(model, path, data=None, trainer_kwargs=None, **writer_kwargs) -> str:
     """Label ``data`` (default ``small_data()``) with ``model``'s teacher through ``trainer.predict`` and a
     LabelWriter into ``path``; returns the store's path."""
-    from lightning_distill.callbacks import LabelWriter
+    from lightning_distill.store import LabelWriter
 
     writer = LabelWriter(str(path), **{"shard_blocks": 16, **writer_kwargs})
     trainer = tiny_trainer(path.parent, callbacks=[writer], **(trainer_kwargs or {}))

@@ -24,16 +24,16 @@ def tok(tiny_teacher_dir):
 
 @pytest.fixture
 def count_tokenize(monkeypatch):
-    """Counts the documents tokenized through ``data.tokenize_documents``."""
+    """Counts the documents tokenized through ``data.tokens.tokenize_documents``."""
     counted = {"calls": 0, "docs": 0}
-    real = data.tokenize_documents
+    real = data.tokens.tokenize_documents
 
     def counting(tokenizer, texts):
         counted["calls"] += 1
         counted["docs"] += len(texts)
         return real(tokenizer, texts)
 
-    monkeypatch.setattr(data, "tokenize_documents", counting)
+    monkeypatch.setattr(data.tokens, "tokenize_documents", counting)
     return counted
 
 
@@ -277,11 +277,6 @@ def test_bad_arguments_raise_naming_them(kwargs, message):
         DistillDataModule(**kwargs)
 
 
-def test_labels_must_name_a_folder():
-    with pytest.raises(ValueError, match="labels must be the folder of a label store"):
-        DistillDataModule(labels="")
-
-
 def test_source_errors(tmp_path):
     with pytest.raises(ValueError, match=r"glob .*\*\.nothing' matches no file"):
         DistillDataModule(corpus=str(tmp_path / "*.nothing"))
@@ -308,23 +303,12 @@ def test_block_size_larger_than_the_model_positions(tok, tiny_teacher_dir):
         dm.prepare_data()
 
 
-# --- stored labels ------------------------------------------------------------------------------------------
+# --- blocks for stored labels and labelling -------------------------------------------------------------------
 
 
 def small(tok, **kwargs) -> DistillDataModule:
     """76 blocks of 32 tokens: 66 train, 10 validation."""
     return built(tok, **{"max_documents": 2, "val_fraction": 0.5, "block_size": 32, "batch_size": 4, **kwargs})
-
-
-@pytest.fixture(scope="module")
-def store(tiny_teacher_dir, tmp_path_factory):
-    """A top-k store (k = 4) of the small corpus, written by the tiny teacher through trainer.predict."""
-    from conftest import TINY_STUDENT, write_labels
-
-    from lightning_distill import SoftDistill
-
-    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
-    return Path(write_labels(model, tmp_path_factory.mktemp("labels") / "topk", k=4))
 
 
 def test_corpus_fingerprint_follows_the_blocks(tok):
@@ -334,61 +318,6 @@ def test_corpus_fingerprint_follows_the_blocks(tok):
     assert small(tok, block_size=16).corpus_fingerprint() != first.corpus_fingerprint()
     assert first.corpus_settings() == {"corpus": "builtin:python-docs", "max_documents": 2, "seed": 0,
                                        "val_fraction": 0.5, "text_field": "text"}
-
-
-def test_stored_labels_are_joined_by_block_idx(tok, store):
-    from lightning_distill.labels import LabelStore
-
-    dm = small(tok, labels=str(store))
-    stored = LabelStore(store)
-    for loader, split in ((dm.train_dataloader(), "train"), (dm.val_dataloader(), "validation")):
-        batch = next(iter(loader))
-        assert batch["teacher"]["topk_ids"].shape == (4, 32, 4)
-        assert batch["teacher"]["topk_logprobs"].dtype == torch.float32
-        for row, block in enumerate(batch["block_idx"].tolist()):
-            assert torch.equal(batch["teacher"]["topk_ids"][row], stored.split(split)[block]["topk_ids"])
-    assert "teacher" not in next(iter(dm.predict_dataloader()))  # labelling reads no labels
-    workers = small(tok, labels=str(store), num_workers=2)  # workers map the shards themselves
-    assert len(list(workers.train_dataloader())) == 17
-
-
-def test_a_store_for_other_data_is_refused_saying_why(tok, store, tmp_path):
-    with pytest.raises(ValueError, match="block_size=32, the data module makes block_size=16"):
-        small(tok, labels=str(store), block_size=16)
-    with pytest.raises(ValueError, match="another corpus or split"):
-        small(tok, labels=str(store), seed=1)
-    with pytest.raises(ValueError, match="another corpus or split"):
-        small(tok, labels=str(store), max_documents=3)
-    copy = tmp_path / "copy"
-    copy.mkdir()
-    for file in store.iterdir():
-        (copy / file.name).write_bytes(file.read_bytes())
-    manifest = json.loads((copy / "manifest.json").read_text())
-    (copy / "manifest.json").write_text(json.dumps({**manifest, "tokenizer": "0123456789abcdef"}))
-    with pytest.raises(ValueError, match="another tokenizer"):
-        small(tok, labels=str(copy))
-    (copy / "manifest.json").write_text(json.dumps(manifest))
-    shard = copy / "train-00001.npy"
-    shard.write_bytes(shard.read_bytes()[:-1] + b"\x00")
-    with pytest.raises(ValueError, match=r"train-00001\.npy fails its checksum"):
-        small(tok, labels=str(copy))
-    with pytest.raises(ValueError, match="not a label store"):
-        small(tok, labels=str(tmp_path / "missing"))
-
-
-def test_labels_come_from_the_model_and_must_agree(tok, store):
-    class WithLabels(L.LightningModule):
-        labels = str(store)
-        tokenizer = tok
-
-    dm = DistillDataModule(max_documents=2, val_fraction=0.5, block_size=32, batch_size=4)
-    dm.trainer = SimpleNamespace(lightning_module=WithLabels())
-    dm.setup("fit")
-    assert "teacher" in next(iter(dm.train_dataloader()))
-    other = DistillDataModule(max_documents=2, val_fraction=0.5, block_size=32, labels="elsewhere")
-    other.trainer = SimpleNamespace(lightning_module=WithLabels())
-    with pytest.raises(ValueError, match="differs from the model's labels"):
-        other.setup("fit")
 
 
 def test_plan_predict_serves_the_planned_blocks_of_each_split(tok):

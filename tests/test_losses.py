@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from lightning_distill import losses
+from lightning_distill import losses, sparse
 
 N, V = 6, 11
 CASES = [  # (name, params) covering every divergence, the JSD and skew endpoints included
@@ -230,9 +230,30 @@ def test_distill_loss_mixes_terms():
 
 
 def test_registries():
-    assert set(losses.LOSSES) == set(losses.DIVERGENCES)
-    assert set(losses.SPARSE_LOSSES) == set(losses.SPARSE_DIVERGENCES) == {"topk", "sampled"}
+    assert {name for name, _ in CASES} == set(losses.DIVERGENCES)  # every divergence has a case above
+    assert set(sparse.SPARSE_LOSSES) == {"topk", "sampled"} < set(sparse.SPARSE_DIVERGENCES)
     assert losses.get_loss("tvd") is losses.tvd
+    assert losses.get_divergence("generalized_jsd", beta=0.3) == losses.GeneralizedJSD(beta=0.3)
+    assert losses.divergence_from("skew_kl", beta=0.9, alpha=0.2) == losses.SkewKL(alpha=0.2)  # beta: not its own
+
+
+def test_a_new_divergence_is_one_class():
+    """Subclassing registers it by name: the losses, the chunked loss and the modules take it."""
+
+    class SquaredHellinger(losses.Divergence):
+        name = "test_squared_hellinger"
+
+        def per_token(self, student_logp, teacher_logp):
+            return 0.5 * ((0.5 * student_logp).exp() - (0.5 * teacher_logp).exp()).pow(2).sum(-1)
+
+    try:
+        student, teacher, labels = make()
+        got = losses.get_loss("test_squared_hellinger")(student, teacher, labels)
+        want = losses.distill_loss(student, teacher, labels, divergence=SquaredHellinger())["kd"]
+        torch.testing.assert_close(got, want)
+        assert got > 0 and losses.get_loss("test_squared_hellinger")(student, student, labels) == 0
+    finally:
+        del losses.DIVERGENCES["test_squared_hellinger"]
 
 
 @pytest.mark.parametrize(
@@ -250,11 +271,11 @@ def test_registries():
         (lambda s, t: losses.distill_loss(s, t, None, ce_weight=1.5), "ce_weight"),
         (lambda s, t: losses.distill_loss(s, None, None), "teacher_logits"),
         (lambda s, t: losses.distill_loss(s, t, None, ce_weight=0.5), "labels"),
-        (lambda s, t: losses.topk_teacher(t, V + 1), "k"),
-        (lambda s, t: losses.sample_teacher(t, 0), "num_samples"),
-        (lambda s, t: losses.topk_forward_kl(s, *losses.topk_teacher(t, 3), tail="drop"), "tail"),
-        (lambda s, t: losses.sparse_per_token("dense", s, *losses.topk_teacher(t, 3)), "kind"),
-        (lambda s, t: losses.sampled_kl(s, *losses.sample_teacher(t[:3], 4)), "target_ids"),
+        (lambda s, t: sparse.topk_teacher(t, V + 1), "k"),
+        (lambda s, t: sparse.sample_teacher(t, 0), "num_samples"),
+        (lambda s, t: sparse.topk_forward_kl(s, *sparse.topk_teacher(t, 3), tail="drop"), "tail"),
+        (lambda s, t: sparse.sparse_per_token("dense", s, *sparse.topk_teacher(t, 3)), "kind"),
+        (lambda s, t: sparse.sampled_kl(s, *sparse.sample_teacher(t[:3], 4)), "target_ids"),
     ],
 )
 def test_value_errors_name_the_argument(call, argument):
@@ -268,36 +289,36 @@ def test_value_errors_name_the_argument(call, argument):
 @pytest.mark.parametrize("tail", ["renorm", "bucket"])
 def test_topk_with_full_vocabulary_equals_forward_kl(tail, temperature):
     student, teacher, labels = make(shape=(2, 3, V))
-    ids, logprobs = losses.topk_teacher(teacher, V, temperature=temperature)
-    got = losses.topk_forward_kl(student, ids, logprobs, labels, temperature=temperature, tail=tail)
+    ids, logprobs = sparse.topk_teacher(teacher, V, temperature=temperature)
+    got = sparse.topk_forward_kl(student, ids, logprobs, labels, temperature=temperature, tail=tail)
     torch.testing.assert_close(got, losses.forward_kl(student, teacher, labels, temperature=temperature))
 
 
 def test_topk_partial_vocabulary():
     student, teacher, labels = make()
-    ids, logprobs = losses.topk_teacher(teacher, 4)
-    renorm = losses.topk_forward_kl(student, ids, logprobs, labels, tail="renorm")
-    bucket = losses.topk_forward_kl(student, ids, logprobs, labels, tail="bucket")
+    ids, logprobs = sparse.topk_teacher(teacher, 4)
+    renorm = sparse.topk_forward_kl(student, ids, logprobs, labels, tail="renorm")
+    bucket = sparse.topk_forward_kl(student, ids, logprobs, labels, tail="bucket")
     dense = losses.forward_kl(student, teacher, labels)
     assert torch.isfinite(renorm) and torch.isfinite(bucket) and not torch.isclose(renorm, bucket)
     assert renorm >= 0 and 0 <= bucket <= dense + 1e-6  # coarse-graining never increases KL
-    same_ids, same_logprobs = losses.topk_teacher(student, 4)  # student == teacher: the bucketed KL is 0
-    assert losses.topk_forward_kl(student, same_ids, same_logprobs, tail="bucket").item() == pytest.approx(
+    same_ids, same_logprobs = sparse.topk_teacher(student, 4)  # student == teacher: the bucketed KL is 0
+    assert sparse.topk_forward_kl(student, same_ids, same_logprobs, tail="bucket").item() == pytest.approx(
         0, abs=1e-6)
 
 
 @pytest.mark.parametrize("tail", ["renorm", "bucket"])
 def test_topk_gradcheck(tail):
     student, teacher, labels = make(dtype=torch.float64)
-    ids, logprobs = losses.topk_teacher(teacher, 4, temperature=2.0)
+    ids, logprobs = sparse.topk_teacher(teacher, 4, temperature=2.0)
     student.requires_grad_(True)
     assert torch.autograd.gradcheck(
-        lambda s: losses.topk_forward_kl(s, ids, logprobs, labels, temperature=2.0, tail=tail), (student,))
+        lambda s: sparse.topk_forward_kl(s, ids, logprobs, labels, temperature=2.0, tail=tail), (student,))
 
 
 def test_topk_teacher():
     _, teacher, _ = make(shape=(2, 3, V))
-    ids, logprobs = losses.topk_teacher(teacher, 5, temperature=2.0)
+    ids, logprobs = sparse.topk_teacher(teacher, 5, temperature=2.0)
     assert ids.shape == logprobs.shape == (2, 3, 5) and ids.dtype == torch.long
     torch.testing.assert_close(logprobs, torch.log_softmax(teacher / 2, -1).gather(-1, ids))
     assert (logprobs[..., :-1] >= logprobs[..., 1:]).all()
@@ -305,17 +326,17 @@ def test_topk_teacher():
 
 def test_sample_teacher_merges_duplicates():
     _, teacher, _ = make(shape=(2, 3, V))
-    ids, weights = losses.sample_teacher(teacher, 16, generator=torch.Generator().manual_seed(0))
+    ids, weights = sparse.sample_teacher(teacher, 16, generator=torch.Generator().manual_seed(0))
     assert ids.shape == weights.shape == (2, 3, 16) and ids.dtype == torch.long
     torch.testing.assert_close(weights.sum(-1), torch.ones(2, 3))
     for row_ids, row_w in zip(ids.reshape(-1, 16), weights.reshape(-1, 16), strict=True):
         kept = row_ids[row_w > 0]
         assert len(set(kept.tolist())) == len(kept)  # unique ids
         assert torch.all((row_w * 16).round() == row_w * 16)  # counts / S
-    again = losses.sample_teacher(teacher, 16, generator=torch.Generator().manual_seed(0))
+    again = sparse.sample_teacher(teacher, 16, generator=torch.Generator().manual_seed(0))
     assert torch.equal(again[0], ids) and torch.equal(again[1], weights)
     # Many draws: the empirical distribution approaches the tempered teacher.
-    ids, weights = losses.sample_teacher(teacher[0, 0], 20000, temperature=2.0,
+    ids, weights = sparse.sample_teacher(teacher[0, 0], 20000, temperature=2.0,
                                          generator=torch.Generator().manual_seed(1))
     empirical = torch.zeros(V).scatter_add_(0, ids, weights)
     torch.testing.assert_close(empirical, torch.softmax(teacher[0, 0] / 2, -1), atol=0.015, rtol=0)
@@ -327,10 +348,10 @@ def test_sampled_kl_gradient_is_unbiased(temperature):
     student = student[:3].requires_grad_(True)
     teacher = teacher[:3]
     draws, samples = 2000, 8
-    ids, weights = losses.sample_teacher(teacher.expand(draws, 3, V), samples, temperature=temperature,
+    ids, weights = sparse.sample_teacher(teacher.expand(draws, 3, V), samples, temperature=temperature,
                                          generator=torch.Generator().manual_seed(0))  # (D, 3, S)
     # Mean over draws of each draw's loss (itself a mean over 3 tokens).
-    sampled = losses.sampled_kl(student.expand(draws, 3, V), ids, weights, temperature=temperature,
+    sampled = sparse.sampled_kl(student.expand(draws, 3, V), ids, weights, temperature=temperature,
                                 num_tokens=draws * 3)
     dense = losses.forward_kl(student, teacher, temperature=temperature)
     (sampled_grad,) = torch.autograd.grad(sampled, student)
@@ -344,8 +365,8 @@ def test_sampled_kl_gradient_is_unbiased(temperature):
 
 def test_sampled_kl_gradcheck_and_padding():
     student, teacher, labels = make(dtype=torch.float64)
-    ids, weights = losses.sample_teacher(teacher, 6, generator=torch.Generator().manual_seed(0))
+    ids, weights = sparse.sample_teacher(teacher, 6, generator=torch.Generator().manual_seed(0))
     student.requires_grad_(True)
-    assert torch.autograd.gradcheck(lambda s: losses.sampled_kl(s, ids, weights, labels), (student,))
+    assert torch.autograd.gradcheck(lambda s: sparse.sampled_kl(s, ids, weights, labels), (student,))
     moved = ids.masked_fill(weights == 0, V - 1)  # padding slots may hold any id
-    torch.testing.assert_close(losses.sampled_kl(student, moved, weights), losses.sampled_kl(student, ids, weights))
+    torch.testing.assert_close(sparse.sampled_kl(student, moved, weights), sparse.sampled_kl(student, ids, weights))

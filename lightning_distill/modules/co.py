@@ -19,15 +19,16 @@ automatic optimization, gradient accumulation and every strategy. Both models ar
 
 from __future__ import annotations
 
-import copy
 from typing import Any
 
 import torch
 from torch import Tensor
 
 from lightning_distill import losses
-from lightning_distill.backbone import DEFAULT_TEACHER, freeze
+from lightning_distill.backbone import DEFAULT_TEACHER
+from lightning_distill.losses import Divergence, divergence_from
 from lightning_distill.modules.base import DistillModule
+from lightning_distill.signals import TrainedTeacher
 
 SCHEDULES = ("constant", "linear", "gated")
 
@@ -38,7 +39,10 @@ class CoDistill(DistillModule):
     Args:
         teacher: the teacher: a model name (pretrained) or ``{"config": {...}}`` (fresh random). It is trained.
         student: student spec (see :class:`DistillModule`).
-        loss: divergence for the student's KD term (see :data:`lightning_distill.losses.DIVERGENCES`).
+        loss: divergence of the student's KD term (and of mutual learning): a name, built with ``beta`` / ``alpha``
+            where it takes them, or a :class:`~lightning_distill.losses.Divergence` (as in SoftDistill).
+        beta: ``generalized_jsd`` by name: interpolation in [0, 1].
+        alpha: ``skew_kl`` / ``skew_reverse_kl`` by name: skew in [0, 1].
         temperature: KD temperature > 0.
         kd_weight: the largest weight ``a`` of the KD term, in [0, 1].
         schedule: ``constant``, ``linear`` or ``gated``.
@@ -58,7 +62,9 @@ class CoDistill(DistillModule):
         self,
         teacher: str | dict[str, Any] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
-        loss: str = "forward_kl",
+        loss: str | Divergence = "forward_kl",
+        beta: float = 0.5,
+        alpha: float = 0.1,
         temperature: float = 1.0,
         kd_weight: float = 0.5,
         schedule: str = "linear",
@@ -72,8 +78,7 @@ class CoDistill(DistillModule):
     ) -> None:
         if teacher is None:
             raise ValueError("CoDistill trains its teacher: teacher must be a model name or {'config': {...}}")
-        if loss not in losses.DIVERGENCES:
-            raise ValueError(f"loss must be one of {sorted(losses.DIVERGENCES)}, got {loss!r}")
+        self.divergence = divergence_from(loss, beta=beta, alpha=alpha)
         if temperature <= 0:
             raise ValueError(f"temperature must be > 0, got {temperature}")
         if not 0 <= kd_weight <= 1:
@@ -86,13 +91,12 @@ class CoDistill(DistillModule):
             raise ValueError(f"gate_ema must be in [0, 1), got {gate_ema}")
         if mutual_weight < 0:
             raise ValueError(f"mutual_weight must be >= 0, got {mutual_weight}")
-        if stale_every < 0:
-            raise ValueError(f"stale_every must be >= 0 (0 = live teacher), got {stale_every}")
+        signal = TrainedTeacher(stale_every)
         if teacher_learning_rate <= 0:
             raise ValueError(f"teacher_learning_rate must be > 0, got {teacher_learning_rate}")
         super().__init__(teacher=teacher, student=student, **kwargs)
         self.save_hyperparameters()
-        self.loss_name = loss
+        self.signal = signal
         self.temperature = temperature
         self.kd_weight = kd_weight
         self.schedule = schedule
@@ -100,11 +104,8 @@ class CoDistill(DistillModule):
         self.gate_threshold = gate_threshold
         self.gate_ema = gate_ema
         self.mutual_weight = mutual_weight
-        self.stale_every = stale_every
         self.teacher_learning_rate = teacher_learning_rate
         self.register_buffer("teacher_ce_ema", torch.tensor(float("nan")))  # checkpointed with the models
-        self._stale: torch.nn.Module | None = None  # set with object.__setattr__: not a submodule, so never
-        self._stale_step = -1  # optimized, checkpointed or synced; rebuilt from the teacher after a resume
 
     def kd_weight_at(self, step: int) -> float:
         """The schedule ``a(step)``: the student's KD weight at an optimizer step."""
@@ -121,15 +122,15 @@ class CoDistill(DistillModule):
         teacher_ce = losses.cross_entropy(teacher_logits[:, :-1], labels[:, 1:])
         self._update_ema(teacher_ce.detach())
         a = self.kd_weight_at(self.global_step)
-        signal = self.stale_logits(input_ids) if self.stale_every > 0 else teacher_logits.detach()
-        parts = self.student_loss(input_ids, labels, signal, divergence=self.loss_name, ce_weight=1.0 - a,
+        signal = self.signal.distribution(self, batch, live_logits=teacher_logits)  # (B, T, V), no gradient
+        parts = self.student_loss(input_ids, labels, signal, divergence=self.divergence, ce_weight=1.0 - a,
                                   temperature=self.temperature)
         loss = parts["loss"] + teacher_ce
         if self.mutual_weight > 0:  # Deep Mutual Learning: the teacher also matches the (detached) student
             with torch.no_grad():
                 student_logits = self(input_ids)  # (B, T, V)
-            mutual = losses.get_loss(self.loss_name)(teacher_logits[:, :-1], student_logits[:, :-1],
-                                                     labels[:, 1:], temperature=self.temperature)
+            mutual = self.divergence(teacher_logits[:, :-1], student_logits[:, :-1], labels[:, 1:],
+                                     temperature=self.temperature)
             loss = loss + self.mutual_weight * mutual
             self.log("train/mutual", mutual.detach(), batch_size=input_ids.shape[0])
         self.log_train({**parts, "loss": loss, "teacher_ce": teacher_ce}, input_ids.shape[0])
@@ -140,17 +141,6 @@ class CoDistill(DistillModule):
         ema = self.teacher_ce_ema
         self.teacher_ce_ema.copy_(value if not ema.isfinite() else self.gate_ema * ema + (1 - self.gate_ema) * value)
 
-    @torch.no_grad()
-    def stale_logits(self, input_ids: Tensor) -> Tensor:
-        """Logits (B, T, V) of the frozen teacher copy, refreshed every ``stale_every`` optimizer steps."""
-        if self._stale is None or (self.global_step % self.stale_every == 0 and self._stale_step != self.global_step):
-            object.__setattr__(self, "_stale", freeze(copy.deepcopy(self.teacher)))
-            self._stale_step = self.global_step
-        return self._stale(input_ids=input_ids).logits
-
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
         return [(self.student, self.learning_rate), (self.teacher, self.teacher_learning_rate)]
 
-    def validation_teacher_logits(self, batch: dict[str, Tensor]) -> Tensor:
-        with torch.no_grad():
-            return self.teacher(input_ids=batch["input_ids"]).logits

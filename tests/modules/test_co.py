@@ -56,9 +56,10 @@ def test_fresh_teacher_and_stale_copy(tiny_teacher_dir, tmp_path):
                       stale_every=2, schedule="constant")
     trainer = tiny_trainer(tmp_path, max_steps=3)
     trainer.fit(model, tiny_data())
-    assert model._stale is not None and model._stale_step == 2
-    assert all(not p.requires_grad for p in model._stale.parameters())
-    assert "_stale" not in dict(model.named_children())
+    stale = model.signal.stale
+    assert stale is not None and model.signal._stale_step == 2
+    assert all(not p.requires_grad for p in stale.parameters())
+    assert not any(m is stale for m in model.modules())  # never optimized, synced or checkpointed
 
 
 @pytest.mark.parametrize(("kwargs", "name"), [({"schedule": "cosine"}, "schedule"), ({"kd_weight": 2}, "kd_weight"),

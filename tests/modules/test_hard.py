@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
-from lightning_distill import HardDistill
+from lightning_distill import HardDistill, generation, sparse
 from lightning_distill.modules import base
 
 
@@ -14,8 +14,8 @@ def test_top1_trains_on_teacher_picks(tiny_teacher_dir, tmp_path):
     model = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="top1")
     model.configure_model()
     ids = torch.randint(0, 300, (2, 16))
-    picks = model.teacher_logits(ids).argmax(-1)
-    parts = model.student_loss(ids, ids, picks, ce_weight=0.0)
+    picks = model.signal.picks(model, {"input_ids": ids})
+    parts = model.student_loss(ids, ids, sparse.SparseTargets.from_picks(picks), ce_weight=0.0)
     # the same as CE against the teacher's next-token picks, computed by transformers
     targets = torch.cat([ids[:, :1], picks[:, :-1]], 1)
     torch.testing.assert_close(parts["loss"], model.student(input_ids=ids, labels=targets).loss)
@@ -31,16 +31,16 @@ def test_generate_masks_prompt_and_reuses_stored_generations(tiny_teacher_dir, t
     model = HardDistill(**kwargs)
     model.configure_model()
     ids = torch.randint(3, 300, (3, 16))
-    sequences, targets = model.teacher_sequences(ids)
+    sequences, targets = model.teacher_sequences({"input_ids": ids})
     assert sequences.shape == targets.shape == (3, 14)
     assert torch.equal(sequences[:, :8], ids[:, :8])
     assert (targets[:, :8] == -100).all()
-    assert len(model.cache) == 3
+    assert len(model.signal.cache(model, 8, model.generation)) == 3
 
     again = HardDistill(**kwargs)  # a new run: continuations come from disk, the teacher is not asked
     again.configure_model()
-    monkeypatch.setattr(again, "generate_ids", lambda prompts: pytest.fail("regenerated a stored continuation"))
-    sequences2, targets2 = again.teacher_sequences(ids)
+    monkeypatch.setattr(generation, "generate", lambda *a: pytest.fail("regenerated a stored continuation"))
+    sequences2, targets2 = again.teacher_sequences({"input_ids": ids})
     assert torch.equal(sequences, sequences2) and torch.equal(targets, targets2)
 
 
@@ -49,8 +49,8 @@ def test_generate_masks_after_eos(tiny_teacher_dir, tmp_path, monkeypatch):
                         max_new_tokens=5, generations_dir=str(tmp_path))
     model.configure_model()
     eos = model.tokenizer.eos_token_id
-    monkeypatch.setattr(model, "generate_ids", lambda p: torch.tensor([[7, eos, 9, 9, 9]] * p.shape[0]))
-    _, targets = model.teacher_sequences(torch.randint(3, 300, (1, 10)))
+    monkeypatch.setattr(generation, "generate", lambda model, p, *a: torch.tensor([[7, eos, 9, 9, 9]] * p.shape[0]))
+    _, targets = model.teacher_sequences({"input_ids": torch.randint(3, 300, (1, 10))})
     assert targets[0, 4:].tolist() == [7, eos, -100, -100, -100]
 
 
@@ -70,10 +70,14 @@ def test_bad_arguments(tiny_teacher_dir, kwargs, name):
 
 
 # ----------------------------------------------------------------------------------------------- stored labels
-def batch_with_labels(model, store):
-    data = small_data(labels=store)
+def batch_with_labels(model, store=None):
+    """A train batch of small_data(); a model reading a store opens it (no trainer: no data check)."""
+    data = small_data()
     data.set_tokenizer(model.tokenizer)
     data.setup()
+    if not model.needs_teacher():
+        with pytest.warns(UserWarning, match="no DistillDataModule"):
+            model.setup("fit")
     return next(iter(data.train_dataloader()))
 
 
@@ -87,7 +91,8 @@ def test_top1_from_any_per_position_store_equals_the_live_teacher(tiny_teacher_d
     stored.configure_model()
     assert stored.teacher is None
     stored.student.load_state_dict(live.student.state_dict())
-    batch = batch_with_labels(live, store)
+    batch = batch_with_labels(live)
+    batch_with_labels(stored)
     with pytest.warns(UserWarning, match="self.log"):  # the real training step, called without a trainer
         torch.testing.assert_close(stored.training_step(batch, 0), live.training_step(batch, 0))
 
@@ -97,10 +102,12 @@ def test_generate_store_trains_without_the_teacher(tiny_teacher_dir, tmp_path, m
     writer = HardDistill(teacher=tiny_teacher_dir, generations_dir=str(tmp_path / "cache"), **kwargs)
     writer.configure_model()
     store = write_labels(writer, tmp_path / "generate", kind="generate")
-    batch = batch_with_labels(writer, store)
+    batch = batch_with_labels(writer)
+    reader = HardDistill(teacher=None, labels=store, **{**kwargs, "student": tiny_teacher_dir})
+    batch_with_labels(reader)
     # the stored continuation of a block is the live mode's, and both modes train on the same sequences
-    assert torch.equal(writer.teacher_sequences(batch["input_ids"])[0],
-                       writer.sequences(batch["input_ids"][:, :8], batch["teacher"]["continuation"])[0])
+    for live, stored in zip(writer.teacher_sequences(batch), reader.teacher_sequences(batch), strict=True):
+        assert torch.equal(live, stored)
 
     monkeypatch.setattr(base, "load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
     model = HardDistill(teacher=None, labels=store, **{**kwargs, "student": tiny_teacher_dir})

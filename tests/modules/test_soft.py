@@ -6,8 +6,7 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
-from lightning_distill import SoftDistill, losses
-from lightning_distill import labels as labels_lib
+from lightning_distill import SoftDistill, losses, sparse
 from lightning_distill.modules import base
 
 
@@ -45,7 +44,7 @@ def test_chunked_loss_matches_unchunked(tiny_teacher_dir):
     for chunk_size in (0, 7):
         model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, chunk_size=chunk_size, ce_weight=0.3)
         model.configure_model()
-        parts = model.student_loss(ids, ids, model.teacher_logits(ids), ce_weight=0.3)
+        parts = model.student_loss(ids, ids, model.signal.distribution(model, {"input_ids": ids}), ce_weight=0.3)
         parts["loss"].backward()
         results.append((parts, model.student.model.embed_tokens.weight.grad.clone()))
     for key in ("loss", "kd", "ce"):
@@ -110,6 +109,16 @@ def test_from_teacher_student_loads_the_teacher_only_to_build_it(tiny_teacher_di
     assert torch.isfinite(trainer.callback_metrics["val/kl"])  # the sampled estimate, entropy subtracted
 
 
+def stored_batch(model: SoftDistill) -> dict:
+    """A train batch of small_data(), with the model's label store opened (no trainer: no data check)."""
+    data = small_data()
+    data.set_tokenizer(model.tokenizer)
+    data.setup()
+    with pytest.warns(UserWarning, match="no DistillDataModule to check the store against"):
+        model.setup("fit")
+    return next(iter(data.train_dataloader()))
+
+
 @pytest.mark.parametrize("chunk_size", [0, 7])
 @pytest.mark.parametrize("loss", ["forward_kl", "generalized_jsd", "reverse_kl"])
 def test_stored_top_k_with_k_equal_v_gives_the_online_loss(tiny_teacher_dir, stores, loss, chunk_size):
@@ -121,18 +130,15 @@ def test_stored_top_k_with_k_equal_v_gives_the_online_loss(tiny_teacher_dir, sto
                          chunk_size=chunk_size, labels=stores["full"])
     stored.configure_model()
     stored.student.load_state_dict(online.student.state_dict())
-    data = small_data(labels=stores["full"])
-    data.set_tokenizer(online.tokenizer)
-    data.setup()
-    batch = next(iter(data.train_dataloader()))
-    params = {"tail": "bucket"} if loss != "forward_kl" else {}
+    batch = stored_batch(stored)
     ids = batch["input_ids"]
-    targets = labels_lib.sparse_targets(batch["teacher"])
-    got = stored.student_loss(ids, ids, targets, divergence=loss, ce_weight=0.3, **params)
+    targets = stored.signal.distribution(stored, batch)
+    assert isinstance(targets, sparse.SparseTargets) and targets.tail == "bucket"
+    got = stored.student_loss(ids, ids, targets, divergence=loss, ce_weight=0.3)
     want = online.student_loss(ids, ids, online.teacher_logits(ids), divergence=loss, ce_weight=0.3)
     for key in ("loss", "kd", "ce"):
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
-    # and the real training step reads the same targets from the batch
+    # and the real training step reads the same targets by the batch's block_idx
     with pytest.warns(UserWarning, match="self.log"):
         torch.testing.assert_close(stored.training_step(batch, 0), online.training_step(batch, 0), atol=1e-5,
                                    rtol=1e-5)

@@ -1,6 +1,6 @@
-"""labels.py: record layouts and their sizes, encoding the teacher's signal and reading it back, the sparse losses on
-what a store holds (k = V equals the dense losses), the writer (atomic shards, resume, no silent rewrite) and the
-reader's refusals. The Lightning side (LabelWriter under trainer.predict) is in test_callbacks.py."""
+"""The label store (lightning_distill.store): record layouts and their sizes, encoding the teacher's signal and
+reading it back, the sparse losses on what a store holds (k = V equals the dense losses), the writer (atomic shards,
+resume, no silent rewrite) and the reader's refusals. LabelWriter under trainer.predict is in test_writer.py."""
 
 from __future__ import annotations
 
@@ -10,14 +10,22 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_distill import labels, losses
-from lightning_distill.labels import LabelStore, StoreWriter, decode, encode, record_dtype, to_records
+from lightning_distill import losses, sparse
+from lightning_distill import metrics as val_metrics
+from lightning_distill.store import LabelStore, StoreWriter, decode, encode, record_dtype, to_records
 
 V = 50
 
 
 def logits(shape=(2, 5, V), seed=0) -> torch.Tensor:
     return torch.randn(shape, generator=torch.Generator().manual_seed(seed)) * 3
+
+
+def targets_of(stored: dict, tail: str = "bucket") -> sparse.SparseTargets:
+    """The sparse loss targets of decoded top-k or sampled records."""
+    if "topk_ids" in stored:
+        return sparse.SparseTargets("topk", stored["topk_ids"], stored["topk_logprobs"], tail)
+    return sparse.SparseTargets("sampled", stored["sample_ids"], stored["sample_weights"])
 
 
 def roundtrip(kind: str, signal: torch.Tensor, value_dtype: str = "float16", **settings) -> list[dict]:
@@ -59,7 +67,7 @@ def test_record_dtype_names_bad_settings():
 def test_topk_roundtrip_keeps_ids_and_the_exact_covered_mass(value_dtype):
     teacher = logits()
     stored = stacked(roundtrip("topk", teacher, value_dtype, k=8, temperature=2.0))
-    ids, logprobs = losses.topk_teacher(teacher, 8, temperature=2.0)
+    ids, logprobs = sparse.topk_teacher(teacher, 8, temperature=2.0)
     assert torch.equal(stored["topk_ids"], ids) and torch.equal(stored["argmax"], teacher.argmax(-1))
     tolerance = {"float16": 2e-3, "bfloat16": 2e-2, "float32": 1e-5}[value_dtype]
     torch.testing.assert_close(stored["topk_logprobs"], logprobs, atol=tolerance * 8, rtol=0)
@@ -101,8 +109,8 @@ def test_stored_draws_give_the_dense_forward_kl_gradient_on_average():
     draws = 3000
     stored = stacked(roundtrip("sampled", teacher.expand(draws, 3, V).contiguous(), num_samples=8, temperature=2.0,
                                generator=torch.Generator().manual_seed(3)))
-    targets = labels.sparse_targets(stored)
-    sampled = losses.sampled_kl(student.expand(draws, 3, V), targets.ids, targets.values, temperature=2.0)
+    targets = targets_of(stored)
+    sampled = sparse.sampled_kl(student.expand(draws, 3, V), targets.ids, targets.values, temperature=2.0)
     (sampled_grad,) = torch.autograd.grad(sampled, student)
     (dense_grad,) = torch.autograd.grad(losses.forward_kl(student, teacher, temperature=2.0), student)
     torch.testing.assert_close(sampled_grad, dense_grad, atol=0.01, rtol=0)
@@ -120,10 +128,10 @@ def test_top1_and_generate_roundtrip():
 def test_stored_topk_with_k_equal_v_gives_the_dense_loss(divergence):
     teacher, student = logits(seed=0), logits(seed=1)
     stored = stacked(roundtrip("topk", teacher, "float32", k=V))
-    targets = labels.sparse_targets(stored)
+    targets = targets_of(stored)
     labels_ = torch.randint(0, V, (2, 5))
     labels_[0, 0] = -100
-    got = losses.distill_loss(student, targets, labels_, divergence=divergence, ce_weight=0.3, tail="bucket")
+    got = losses.distill_loss(student, targets, labels_, divergence=divergence, ce_weight=0.3)
     dense = losses.distill_loss(student, teacher, labels_, divergence=divergence, ce_weight=0.3)
     for key in ("loss", "kd", "ce"):
         torch.testing.assert_close(got[key], dense[key], atol=1e-5, rtol=1e-5)
@@ -133,10 +141,10 @@ def test_stored_topk_with_k_equal_v_gives_the_dense_loss(divergence):
 def test_bucketed_topk_is_at_most_the_dense_divergence(divergence):
     """Coarse-graining to the K ids + the rest never increases a divergence (data processing)."""
     teacher, student = logits(seed=2), logits(seed=3)
-    ids, logprobs = losses.topk_teacher(teacher, 6)
-    sparse = losses.sparse_per_token("topk", student, ids, logprobs, tail="bucket", divergence=divergence)
+    ids, logprobs = sparse.topk_teacher(teacher, 6)
+    stored = sparse.sparse_per_token("topk", student, ids, logprobs, tail="bucket", divergence=divergence)
     dense = losses.divergence_per_token(divergence, student, teacher)
-    assert torch.isfinite(sparse).all() and (sparse <= dense + 1e-5).all() and (sparse >= -1e-6).all()
+    assert torch.isfinite(stored).all() and (stored <= dense + 1e-5).all() and (stored >= -1e-6).all()
 
 
 @pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "generalized_jsd"])
@@ -145,13 +153,13 @@ def test_bucket_tail_of_a_confident_student_is_exact(divergence):
     where it is too small for that (a confident student): there it is taken exactly; float32 matches float64."""
     teacher = logits(seed=10)
     student = logits(seed=11)
-    ids, logprobs = losses.topk_teacher(teacher, 4)
+    ids, logprobs = sparse.topk_teacher(teacher, 4)
     student = student.scatter_add(-1, ids[..., :1], torch.full_like(student[..., :1], 30.0))  # tails ~1e-12
     student[0, :2] -= 25  # ... except a few positions with a large tail (the cheap path)
     values, grads = [], []
     for dtype in (torch.float32, torch.float64):
         s = student.to(dtype).requires_grad_(True)
-        per_token = losses.sparse_per_token("topk", s, ids, logprobs.to(dtype), tail="bucket", divergence=divergence)
+        per_token = sparse.sparse_per_token("topk", s, ids, logprobs.to(dtype), tail="bucket", divergence=divergence)
         loss = per_token.mean()
         values.append(loss.double())
         grads.append(torch.autograd.grad(loss, s)[0].double())
@@ -161,30 +169,30 @@ def test_bucket_tail_of_a_confident_student_is_exact(divergence):
     s = logits((1, 2, V), seed=12).double()
     pair = ids[:1, :2]
     s = s.scatter_add(-1, pair[..., :1], torch.tensor([[[40.0], [0.0]]], dtype=torch.float64))  # tails ~1e-17, ~1
-    assert torch.autograd.gradcheck(lambda x: losses.topk_forward_kl(x, pair, logprobs[:1, :2].double(),
+    assert torch.autograd.gradcheck(lambda x: sparse.topk_forward_kl(x, pair, logprobs[:1, :2].double(),
                                                                      tail="bucket"), (s.requires_grad_(True),))
 
 
 def test_sparse_targets_reject_ill_defined_divergences():
     teacher, student = logits(seed=0), logits(seed=1)
-    ids, logprobs = losses.topk_teacher(teacher, 6)
+    ids, logprobs = sparse.topk_teacher(teacher, 6)
     with pytest.raises(ValueError, match=r"`divergence`.*tail='renorm'"):
-        losses.sparse_per_token("topk", student, ids, logprobs, tail="renorm", divergence="reverse_kl")
-    ids, weights = losses.sample_teacher(teacher, 6)
+        sparse.sparse_per_token("topk", student, ids, logprobs, tail="renorm", divergence="reverse_kl")
+    ids, weights = sparse.sample_teacher(teacher, 6)
     with pytest.raises(ValueError, match=r"`divergence`.*sampled"):
-        losses.sparse_per_token("sampled", student, ids, weights, divergence="tvd")
+        sparse.sparse_per_token("sampled", student, ids, weights, divergence="tvd")
     with pytest.raises(ValueError, match="`kind`"):
-        losses.SparseTargets("dense", ids, weights)
+        sparse.SparseTargets("dense", ids, weights)
 
 
 def test_stored_metrics_match_the_live_ones_at_k_equal_v():
     teacher, student = logits(seed=4), logits(seed=5)
     labels_ = torch.randint(0, V, (2, 5))
     stored = stacked(roundtrip("topk", teacher, "float32", k=V))
-    metrics = labels.stored_metrics(student, stored, labels_, temperature=1.0)
+    metrics = val_metrics.against_stored(student, stored, labels_, temperature=1.0)
     torch.testing.assert_close(metrics["kl"], losses.forward_kl(student, teacher, labels_), atol=1e-5, rtol=1e-5)
     assert metrics["agreement"] == (student.argmax(-1) == teacher.argmax(-1)).float().mean()
-    assert "kl" not in labels.stored_metrics(student, stored, labels_, temperature=2.0)  # not comparable at T != 1
+    assert "kl" not in val_metrics.against_stored(student, stored, labels_, temperature=2.0)  # not comparable at T != 1
 
 
 def test_sampled_kl_metric_is_an_unbiased_estimate():
@@ -192,7 +200,7 @@ def test_sampled_kl_metric_is_an_unbiased_estimate():
     many = teacher.expand(2000, 1, V).contiguous()
     stored = stacked(roundtrip("sampled", many, num_samples=12, generator=torch.Generator().manual_seed(2)))
     labels_ = torch.zeros(2000, 1, dtype=torch.long)
-    metrics = labels.stored_metrics(student.expand(2000, 1, V), stored, labels_, temperature=1.0)
+    metrics = val_metrics.against_stored(student.expand(2000, 1, V), stored, labels_, temperature=1.0)
     assert metrics["kl"].item() == pytest.approx(losses.forward_kl(student, teacher).item(), abs=0.1)
 
 

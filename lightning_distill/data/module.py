@@ -1,0 +1,292 @@
+"""DistillDataModule: a corpus -> token ids (tokenized once, cached) -> packed blocks (B, T).
+
+Sources are in :mod:`lightning_distill.data.sources`, tokenizing, caching, splitting and packing in
+:mod:`lightning_distill.data.tokens`. The data module knows nothing of teachers: stored teacher labels are joined
+with its blocks by ``block_idx`` on the model's side (:class:`~lightning_distill.signals.StoredLabels`), which
+checks a store against :meth:`DistillDataModule.corpus_fingerprint`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import lightning as L
+import numpy as np
+import torch
+from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from transformers import PreTrainedTokenizerBase
+
+from lightning_distill import backbone
+from lightning_distill.data.sources import expand_sources
+from lightning_distill.data.tokens import cached_tokens, pack, split_documents
+
+SPLITS = ("train", "validation")
+
+
+class DistillDataModule(L.LightningDataModule):
+    """Packed blocks of a text corpus, tokenized by the model being trained.
+
+    Batches are dicts: ``input_ids`` (B, T) long; ``labels`` (B, T) long, equal to ``input_ids`` (the model
+    shifts); ``block_idx`` (B,) long, the index of each block within its split, by which stored teacher labels
+    are joined.
+    ``val_dataloader`` and ``test_dataloader`` serve the validation split in order; ``predict_dataloader``
+    serves the train split in order, or the blocks a label writer planned (:meth:`plan_predict`).
+
+    Args:
+        corpus: a source or a list of sources: ``"builtin:python-docs"``, a text file, a glob, a ``.jsonl``
+            file, or a Hugging Face dataset folder written by ``save_to_disk``.
+        tokenizer: model name or path whose tokenizer to use (:func:`backbone.load_tokenizer`). ``None``: the
+            one given to :meth:`set_tokenizer`, else ``trainer.lightning_module.tokenizer``.
+        block_size: tokens per block, T; at most the model's maximum positions when known: from the config
+            of ``tokenizer``, ``set_tokenizer(..., max_positions=)`` or the module's ``max_positions``.
+        batch_size: blocks per batch, B.
+        val_fraction: share of documents held out for validation, in (0, 1); at least one document.
+        seed: seeds the document shuffle (split and ``max_documents``) and the train loader's shuffle.
+        num_workers: ``DataLoader`` worker processes.
+        text_field: field (JSONL) or column (Hugging Face dataset) holding the text.
+        max_documents: keep the first N documents after the seeded shuffle (quick runs); ``None`` keeps all.
+        ood_corpus: a second validation corpus (e.g. ``builtin:shakespeare``): every method logs its metrics on
+            it under ``val_ood/``.
+    """
+
+    def __init__(
+        self,
+        corpus: str | list[str] = "builtin:python-docs",
+        tokenizer: str | None = None,
+        block_size: int = 128,
+        batch_size: int = 8,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        text_field: str = "text",
+        max_documents: int | None = None,
+        ood_corpus: str | list[str] | None = None,
+    ) -> None:
+        super().__init__()
+        _check_int("block_size", block_size, 2, "use e.g. block_size=128")
+        _check_int("batch_size", batch_size, 1, "use e.g. batch_size=8")
+        _check_int("num_workers", num_workers, 0, "use num_workers=0 to load in the main process")
+        _check_int("seed", seed, None, "use any integer, e.g. seed=0")
+        if max_documents is not None:
+            _check_int("max_documents", max_documents, 2, "use None to keep every document")
+        if (
+            not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool)
+            or not 0 < val_fraction < 1
+        ):
+            raise ValueError(f"val_fraction must be a number strictly between 0 and 1 (e.g. 0.1), "
+                             f"got {val_fraction!r}")
+        if not isinstance(text_field, str) or not text_field:
+            raise ValueError(f"text_field must be a non-empty field name such as 'text', got {text_field!r}")
+        if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer):
+            raise ValueError(f"tokenizer must be a model name or path, or None for the model's, "
+                             f"got {tokenizer!r}")
+        expand_sources(corpus)  # fail fast on unknown builtins, missing files and empty globs
+        if ood_corpus is not None:
+            expand_sources(ood_corpus)
+        self.save_hyperparameters()
+        self._tokenizer: PreTrainedTokenizerBase | None = None
+        self._max_positions: int | None = None
+        self._train_blocks: torch.Tensor | None = None  # (N_train, T)
+        self._val_blocks: torch.Tensor | None = None  # (N_val, T)
+        self._ood_blocks: torch.Tensor | None = None  # (N_ood, T)
+        self._plan: dict[str, list[int]] | None = None  # split -> blocks predict serves (label writer)
+
+    def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, max_positions: int | None = None) -> None:
+        """Use this tokenizer (e.g. in a notebook); ``max_positions`` bounds ``block_size``."""
+        if not isinstance(tokenizer, PreTrainedTokenizerBase):
+            raise ValueError(f"set_tokenizer needs a transformers tokenizer, got {type(tokenizer).__name__}")
+        self._tokenizer, self._max_positions = tokenizer, max_positions
+        self._train_blocks = self._val_blocks = self._ood_blocks = None
+
+    @property
+    def train_blocks(self) -> torch.Tensor:
+        """Packed train blocks, LongTensor (N_train, T), built by :meth:`setup`."""
+        return _built(self._train_blocks)
+
+    @property
+    def val_blocks(self) -> torch.Tensor:
+        """Packed validation blocks, LongTensor (N_val, T), built by :meth:`setup`."""
+        return _built(self._val_blocks)
+
+    def prepare_data(self) -> None:
+        """Read and tokenize the corpus into the token cache, unless the cache already holds it."""
+        self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
+        if self.hparams.ood_corpus is not None:
+            self._cached_tokens(self.hparams.ood_corpus, None)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Load the cached tokens, split them by document and pack both splits into blocks."""
+        if self._train_blocks is None:
+            self._build_blocks()
+
+    def corpus_fingerprint(self) -> str:
+        """A hash of the packed train and validation blocks: equal fingerprints mean every ``block_idx`` holds
+        the same tokens, which stored labels rely on."""
+        digest = hashlib.sha256()
+        for blocks in (self.train_blocks, self.val_blocks):
+            digest.update(repr(tuple(blocks.shape)).encode() + blocks.to(torch.int32).numpy().tobytes())
+        return digest.hexdigest()[:16]
+
+    def corpus_settings(self) -> dict[str, Any]:
+        """What the blocks are made from, for label manifests and error messages."""
+        hp = self.hparams
+        return {"corpus": hp.corpus, "max_documents": hp.max_documents, "seed": hp.seed,
+                "val_fraction": hp.val_fraction, "text_field": hp.text_field}
+
+    def plan_predict(self, plan: dict[str, list[int]] | None) -> None:
+        """Make :meth:`predict_dataloader` serve only these blocks, one loader per split in this order (the
+        share of a label writer on this rank); ``None`` restores the train split in order."""
+        if plan is not None and not set(plan) <= set(SPLITS):
+            raise ValueError(f"plan_predict takes splits among {SPLITS}, got {sorted(plan)}")
+        self._plan = plan
+        # every rank keeps one loader per split, so a rank's share of a split may be empty
+        self.allow_zero_length_dataloader_with_multiple_devices = plan is not None
+
+    def _build_blocks(self) -> None:
+        tokenizer, cache = self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
+        with np.load(cache) as data:
+            tokens, offsets, doc_ids = data["tokens"], data["offsets"], data["doc_ids"]  # (N,) (D+1,) (D,)
+            n_docs = int(json.loads(str(data["meta"]))["n_docs"])
+        hp = self.hparams
+        row = {int(doc): i for i, doc in enumerate(doc_ids)}  # source index -> row in the cache
+        splits = split_documents(n_docs, hp.val_fraction, hp.seed, hp.max_documents)
+        blocks = []
+        for name, ids in zip(("train", "validation"), splits, strict=True):
+            docs = [tokens[offsets[row[i]] : offsets[row[i] + 1]] for i in ids]
+            blocks.append(pack(docs, hp.block_size, tokenizer.eos_token_id))  # (N, T)
+            if len(blocks[-1]) == 0:
+                raise ValueError(
+                    f"the {name} split of corpus {hp.corpus!r} has {sum(len(d) + 1 for d in docs)} tokens "
+                    f"({len(ids)} documents), fewer than one block of block_size={hp.block_size}: use a "
+                    "smaller block_size or more text"
+                )
+        self._train_blocks, self._val_blocks = blocks
+        if hp.ood_corpus is not None:
+            _, ood_cache = self._cached_tokens(hp.ood_corpus, None)
+            with np.load(ood_cache) as data:
+                tokens, offsets = data["tokens"], data["offsets"]
+            docs = [tokens[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+            self._ood_blocks = pack(docs, hp.block_size, tokenizer.eos_token_id)  # (N_ood, T)
+            if len(self._ood_blocks) == 0:
+                raise ValueError(f"ood_corpus {hp.ood_corpus!r} is shorter than one block of "
+                                 f"block_size={hp.block_size}: use more text or a smaller block_size")
+        rank_zero_info(f"[lightning_distill] {len(self.train_blocks)} train / {len(self.val_blocks)} "
+                       f"validation blocks of {hp.block_size} tokens")
+
+    def train_dataloader(self) -> DataLoader:
+        """Train blocks in a seeded shuffled order."""
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        return self._loader(BlockDataset(self.train_blocks), generator)
+
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Validation blocks in order; with ``ood_corpus``, a second loader over its blocks."""
+        val = self._loader(BlockDataset(self.val_blocks))
+        return val if self._ood_blocks is None else [val, self._loader(BlockDataset(self._ood_blocks))]
+
+    def test_dataloader(self) -> DataLoader:
+        """The validation blocks in order (there is no separate test split)."""
+        return self._loader(BlockDataset(self.val_blocks))
+
+    def predict_dataloader(self) -> DataLoader | list[DataLoader]:
+        """Train blocks in order, to label the corpus with a teacher (``block_idx`` keys the labels); after
+        :meth:`plan_predict`, one loader per planned split over its planned blocks."""
+        if self._plan is None:
+            return self._loader(BlockDataset(self.train_blocks))
+        blocks = {"train": self.train_blocks, "validation": self.val_blocks}
+        return [self._loader(PlannedBlocks(blocks[split], indices)) for split, indices in self._plan.items()]
+
+    def _loader(self, dataset: Dataset, shuffle_with: torch.Generator | None = None) -> DataLoader:
+        workers = self.hparams.num_workers
+        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle_with is not None,
+                          generator=shuffle_with, num_workers=workers, persistent_workers=workers > 0)
+
+    def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
+        """The tokenizer: ``set_tokenizer``'s, else the ``tokenizer`` name's, else the attached module's."""
+        module = getattr(self.trainer, "lightning_module", None) if self.trainer is not None else None
+        module_tokenizer = getattr(module, "tokenizer", None)
+        if self._tokenizer is None and self.hparams.tokenizer is not None:
+            self._tokenizer = backbone.load_tokenizer(self.hparams.tokenizer)
+            self._max_positions = _config_max_positions(self.hparams.tokenizer)
+        tokenizer = self._tokenizer if self._tokenizer is not None else module_tokenizer
+        if tokenizer is None:
+            raise ValueError(
+                "DistillDataModule has no tokenizer: pass tokenizer='model name or path', call "
+                "set_tokenizer(tokenizer), or attach it to a Trainer whose LightningModule has a .tokenizer"
+            )
+        if tokenizer.eos_token_id is None:
+            raise ValueError("the tokenizer has no EOS token; documents cannot be separated when packing")
+        if module_tokenizer is not None and module_tokenizer is not tokenizer and (
+            backbone.tokenizer_fingerprint(module_tokenizer) != backbone.tokenizer_fingerprint(tokenizer)
+        ):
+            raise ValueError(f"tokenizer={self.hparams.tokenizer!r} differs from the tokenizer of the model "
+                             "being trained: leave tokenizer=None to use the model's")
+        limits = [p for p in (self._max_positions, getattr(module, "max_positions", None)) if p is not None]
+        if limits and self.hparams.block_size > min(limits):
+            raise ValueError(f"block_size={self.hparams.block_size} is larger than the model's maximum of "
+                             f"{min(limits)} positions: use block_size <= {min(limits)}")
+        return tokenizer
+
+    def _cached_tokens(self, corpus: str | list[str], max_documents: int | None):
+        """The tokenizer and the token cache file of a corpus (tokenizing on a cache miss)."""
+        tokenizer = self._resolve_tokenizer()
+        hp = self.hparams
+        return tokenizer, cached_tokens(corpus, tokenizer, text_field=hp.text_field, max_documents=max_documents,
+                                        val_fraction=hp.val_fraction, seed=hp.seed)
+
+
+class BlockDataset(Dataset):
+    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks  # (N, T)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        block = self.blocks[index]  # (T,)
+        return {"input_ids": block, "labels": block.clone(), "block_idx": index}
+
+
+class PlannedBlocks(IterableDataset):
+    """The items of :class:`BlockDataset` for the given block indices, in order, each DataLoader worker taking
+    every n-th one. Iterable, so that Lightning does not split it again over ranks: it already is this rank's
+    share (see :meth:`DistillDataModule.plan_predict`)."""
+
+    def __init__(self, blocks: torch.Tensor, indices: list[int]) -> None:
+        self.dataset, self.indices = BlockDataset(blocks), list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        mine = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
+        return (self.dataset[i] for i in mine)
+
+
+def _config_max_positions(name: str) -> int | None:
+    """``max_position_embeddings`` of a named model's config, ``None`` when it has no readable config."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(backbone.resolve_model_path(name))
+    except (OSError, ValueError):
+        return None
+    return getattr(config, "max_position_embeddings", None)
+
+
+def _built(blocks: torch.Tensor | None) -> torch.Tensor:
+    if blocks is None:
+        raise RuntimeError("call setup() first (the Trainer does) to build the blocks")
+    return blocks
+
+
+def _check_int(name: str, value: Any, minimum: int | None, fix: str) -> None:
+    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int (not bool) of at least ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
+        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"{name} must be {bound}, got {value!r}: {fix}")

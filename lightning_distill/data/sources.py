@@ -1,0 +1,138 @@
+"""Corpus sources: what a ``corpus`` argument may name, and the documents it holds.
+
+- ``builtin:python-docs``: the documentation topics that ship with CPython (``pydoc_data.topics``, ~80 docs).
+- ``builtin:shakespeare``: ~16 KB of Shakespeare (public domain) shipped in this package: out-of-domain text for
+  measuring what a student keeps of the teacher's general skill (``ood_corpus``).
+- a text file or a glob (``docs/**/*.md``): one file is one document, read as UTF-8 (bad bytes replaced).
+- a JSONL file (``*.jsonl``): one line is one document, its text in the field ``text_field``.
+- a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``: its "train" split or only split).
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+BUILTIN_CORPORA = ("builtin:python-docs", "builtin:shakespeare")
+SHAKESPEARE = Path(__file__).parent.parent / "assets" / "shakespeare.txt"
+
+
+def expand_sources(corpus: str | list[str]) -> list[tuple[str, str]]:
+    """Resolve a corpus into ``(kind, location)`` pairs, kind one of ``builtin``, ``text``, ``jsonl``, ``hf``.
+
+    Globs are expanded (sorted, ``**`` recursive). A glob matching no file, a missing path, a folder that is
+    not a saved Hugging Face dataset or an unknown builtin raises ``ValueError``.
+    """
+    entries = [corpus] if isinstance(corpus, str) else corpus
+    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) and e for e in entries):
+        raise ValueError(f"corpus must be a source or a non-empty list of sources (strings), got {corpus!r}")
+    sources: list[tuple[str, str]] = []
+    for entry in entries:
+        if entry.startswith("builtin:"):
+            if entry not in BUILTIN_CORPORA:
+                raise ValueError(f"unknown builtin corpus {entry!r}; known: {list(BUILTIN_CORPORA)}")
+            sources.append(("builtin", entry))
+            continue
+        paths = [os.path.expanduser(entry)]
+        if glob.has_magic(entry):
+            paths = sorted(p for p in glob.glob(paths[0], recursive=True) if os.path.isfile(p))
+            if not paths:
+                raise ValueError(f"corpus glob {entry!r} matches no file: check the pattern and the working "
+                                 "directory")
+        for path in map(Path, paths):
+            if path.is_dir() and not any((path / f).exists() for f in ("state.json", "dataset_dict.json",
+                                                                           "dataset_info.json")):
+                raise ValueError(f"corpus entry {entry!r} is a folder but not a saved Hugging Face dataset; "
+                                 f"to read its files pass a glob such as '{entry.rstrip('/')}/**/*.txt'")
+            if not path.exists():
+                raise ValueError(f"corpus entry {entry!r} does not exist: check the path")
+            kind = "hf" if path.is_dir() else "jsonl" if path.suffix.lower() == ".jsonl" else "text"
+            sources.append((kind, str(path.resolve())))
+    return sources
+
+
+def source_identity(kind: str, where: str, text_field: str) -> dict[str, Any]:
+    """What the tokens of a source depend on: builtin name + Python version; file path + size + mtime; or
+    dataset path + a hash of its ``state.json``/``dataset_dict.json`` files (holding its fingerprints)."""
+    if kind == "builtin":
+        return {"builtin": where, "python": sys.version}
+    if kind == "hf":
+        digest = hashlib.sha256()
+        for state in sorted(Path(where).rglob("*.json")):
+            if state.name in ("state.json", "dataset_dict.json"):
+                digest.update(str(state.relative_to(where)).encode() + state.read_bytes())
+        return {"hf": where, "state": digest.hexdigest(), "text_field": text_field}
+    stat = os.stat(where)
+    identity: dict[str, Any] = {kind: where, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {**identity, "text_field": text_field} if kind == "jsonl" else identity
+
+
+def documents(corpus: str | list[str], text_field: str = "text") -> list[str]:
+    """The documents of a corpus, in source order; empty (whitespace-only) documents are skipped.
+
+    Raises:
+        ValueError: a source that yields no document, a JSONL line that is not an object with a string
+            ``text_field``, or a dataset without that column.
+        ImportError: a Hugging Face dataset folder when ``datasets`` is not installed.
+    """
+    texts: list[str] = []
+    for kind, where in expand_sources(corpus):
+        if where == "builtin:shakespeare":
+            found = [SHAKESPEARE.read_text(encoding="utf-8")]
+        elif kind == "builtin":
+            from pydoc_data.topics import topics
+
+            found = [topics[name] for name in sorted(topics)]
+        elif kind == "jsonl":
+            found = _read_jsonl(Path(where), text_field)
+        elif kind == "hf":
+            found = _read_hf(where, text_field)
+        else:
+            found = [Path(where).read_text(encoding="utf-8", errors="replace")]
+        found = [t for t in found if t.strip()]
+        if not found:
+            raise ValueError(f"corpus source {where!r} holds no text (empty or whitespace only): fill it or "
+                             "remove it from corpus")
+        texts += found
+    return texts
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    texts = []
+    with path.open(encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                found = sorted(record) if isinstance(record, dict) else type(record).__name__
+                raise ValueError(f"{path}, line {number}: no string field text_field={text_field!r} (found "
+                                 f"{found}); set text_field to the field holding the text")
+            texts.append(record[text_field])
+    return texts
+
+
+def _read_hf(where: str, text_field: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as error:
+        message = f"{where} is a Hugging Face dataset; reading it needs: pip install datasets"
+        raise ImportError(message) from error
+    dataset = datasets.load_from_disk(where)
+    if isinstance(dataset, datasets.DatasetDict):
+        if "train" not in dataset and len(dataset) != 1:
+            raise ValueError(f"{where} has splits {sorted(dataset)} and none is 'train': save the split to "
+                             "use on its own")
+        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+    if text_field not in dataset.column_names:
+        raise ValueError(f"{where} has no column text_field={text_field!r} (columns: "
+                         f"{dataset.column_names}): set text_field to the column holding the text")
+    return [t for t in dataset[text_field] if isinstance(t, str)]

@@ -1,0 +1,89 @@
+"""Validation metrics shared by every method, logged under the same names: ``val/`` (held-out corpus) and
+``val_ood/`` (the second validation loader: out-of-domain text).
+
+- ``ce`` (and ``ppl``): the student's next-token cross-entropy on the real text;
+- ``kl``: KL(teacher || student) at temperature 1; ``agreement``: share of positions where the student's arg-max
+  is the teacher's; ``teacher_ce`` (and ``teacher_ppl``): the teacher's own cross-entropy. From a live teacher's
+  logits (:func:`against_logits`), or from stored labels (:func:`against_stored`), where the KL is the exact KL of
+  both distributions coarse-grained to the stored ids + the rest (top-k) or an unbiased estimate (sampled).
+
+Each is a mean over valid target tokens, accumulated over the validation run by :class:`ValidationMetrics`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+from torchmetrics import MeanMetric
+
+from lightning_distill import losses, sparse
+from lightning_distill.losses import IGNORE_INDEX
+
+#: token-weighted validation means; ``ce`` and ``teacher_ce`` are also logged as perplexities
+NAMES = ("ce", "kl", "agreement", "teacher_ce")
+PREFIXES = ("val", "val_ood")
+
+
+def agreement(student_logits: Tensor, teacher_picks: Tensor, labels: Tensor) -> Tensor:
+    """Share of valid positions where the student's arg-max (B, T, V) equals the teacher's pick (B, T)."""
+    mask = labels != IGNORE_INDEX  # (B, T)
+    agree = (student_logits.argmax(-1) == teacher_picks) & mask
+    return agree.sum() / mask.sum().clamp(min=1)
+
+
+def against_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
+    """``kl``, ``agreement`` and ``teacher_ce`` of float student logits (B, T, V) against teacher logits."""
+    teacher_logits = teacher_logits.float()
+    return {"kl": losses.forward_kl(student_logits, teacher_logits, labels),
+            "agreement": agreement(student_logits, teacher_logits.argmax(-1), labels),
+            "teacher_ce": losses.cross_entropy(teacher_logits, labels)}
+
+
+def against_stored(student_logits: Tensor, stored: dict[str, Tensor], labels: Tensor,
+                   temperature: float) -> dict[str, Tensor]:
+    """``agreement`` (every per-position store) and ``kl`` (top-k and sampled stores at temperature 1) against a
+    batch's stored labels (:func:`lightning_distill.store.decode`, aligned with ``labels``)."""
+    out: dict[str, Tensor] = {}
+    if "argmax" in stored:
+        out["agreement"] = agreement(student_logits, stored["argmax"], labels)
+    if temperature != 1.0:
+        return out
+    if "topk_ids" in stored:
+        out["kl"] = sparse.topk_forward_kl(student_logits, stored["topk_ids"], stored["topk_logprobs"], labels,
+                                           tail="bucket")
+    elif "sample_ids" in stored:
+        cross = sparse.sampled_kl(student_logits, stored["sample_ids"], stored["sample_weights"], labels)
+        out["kl"] = cross - losses.reduce_tokens(stored["entropy"].reshape(-1).float(), labels)
+    return out
+
+
+class ValidationMetrics(torch.nn.Module):
+    """Token-weighted means of :data:`NAMES` under each prefix of :data:`PREFIXES`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.means = torch.nn.ModuleDict({f"{p}/{n}": MeanMetric() for p in PREFIXES for n in NAMES})
+
+    def reset(self) -> None:
+        """Fresh states as normal tensors: states created under inference mode (by ``trainer.validate``) could
+        not be updated later by the validation inside ``trainer.fit``."""
+        with torch.inference_mode(False):
+            for metric in self.means.values():
+                metric.reset()
+
+    def update(self, prefix: str, values: dict[str, Tensor], tokens: Tensor) -> None:
+        """Add one batch's means, weighted by its number of valid ``tokens``."""
+        for name, value in values.items():
+            self.means[f"{prefix}/{name}"].update(value.detach().float(), tokens.float())
+
+    def compute(self) -> dict[str, Tensor]:
+        """The means of every updated metric, plus ``ppl`` / ``teacher_ppl`` (exp of the clamped CE)."""
+        out = {}
+        for key, metric in self.means.items():
+            if not metric.update_called:
+                continue
+            out[key] = value = metric.compute()
+            prefix, name = key.split("/")
+            if name in ("ce", "teacher_ce"):
+                out[f"{prefix}/{'ppl' if name == 'ce' else 'teacher_ppl'}"] = torch.exp(value.clamp(max=30))
+        return out

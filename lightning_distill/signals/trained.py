@@ -1,0 +1,56 @@
+"""A teacher trained beside the student (CoDistill): it learns the real text, and its distribution, detached, is
+the student's signal; or that of a frozen copy refreshed every ``stale_every`` optimizer steps (codistillation,
+Anil et al. 2018, "Large scale distributed neural network training through online distillation")."""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor
+
+from lightning_distill import metrics
+from lightning_distill.backbone import freeze
+from lightning_distill.signals.base import Batch, TeacherSignal
+
+if TYPE_CHECKING:
+    from lightning_distill.modules.base import DistillModule
+
+
+class TrainedTeacher(TeacherSignal):
+    """The module's trained teacher.
+
+    Args:
+        stale_every: if > 0, the signal comes from a frozen copy of the teacher refreshed every this many optimizer
+            steps; 0 uses the live teacher's logits of the same step, detached.
+    """
+
+    def __init__(self, stale_every: int = 0) -> None:
+        if isinstance(stale_every, bool) or not isinstance(stale_every, int) or stale_every < 0:
+            raise ValueError(f"stale_every must be an integer >= 0 (0 = live teacher), got {stale_every!r}")
+        self.stale_every = stale_every
+        self.stale: torch.nn.Module | None = None  # not a submodule: never optimized, synced or checkpointed
+        self._stale_step = -1
+
+    def distribution(self, module: DistillModule, batch: Batch, split: str = "train",
+                     live_logits: Tensor | None = None) -> Tensor:
+        """Logits (B, T, V) without gradient: ``live_logits`` detached (the teacher's of this step, when the caller
+        has them), or the stale copy's."""
+        if self.stale_every == 0:
+            if live_logits is not None:
+                return live_logits.detach()
+            with torch.no_grad():
+                return module.teacher(input_ids=batch["input_ids"]).logits
+        step = module.global_step
+        if self.stale is None or (step % self.stale_every == 0 and self._stale_step != step):
+            self.stale = freeze(copy.deepcopy(module.teacher))
+            self._stale_step = step
+        with torch.no_grad():
+            return self.stale(input_ids=batch["input_ids"]).logits
+
+    def validation_metrics(self, module: DistillModule, batch: Batch, student_logits: Tensor, labels: Tensor,
+                           dataloader_idx: int) -> dict[str, Tensor]:
+        with torch.no_grad():
+            teacher = module.teacher(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
+        return metrics.against_logits(student_logits, teacher, labels)
