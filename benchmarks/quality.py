@@ -41,6 +41,7 @@ import lightning as L
 import torch
 
 from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
+from lightning_distill import metrics as val_metrics
 from lightning_distill.backbone import bf16_is_fast
 from lightning_distill.store import LabelWriter
 
@@ -59,6 +60,9 @@ class Method:
     store: dict[str, Any] | None = None  # LabelWriter settings: trains from this label store, teacher absent
 
 
+ON_POLICY = {"prompt_tokens": 32, "max_new_tokens": 64}  # on-policy rows: the student continues 32-token prompts
+
+
 def default_methods() -> dict[str, Method]:
     soft = SoftDistill
     return {
@@ -75,6 +79,12 @@ def default_methods() -> dict[str, Method]:
         "co_distill": Method(CoDistill, {"schedule": "linear", "kd_weight": 0.5, "ramp_steps": 20,
                                          "teacher_learning_rate": 2e-5}, "live logits of a trained teacher",
                              uses_frozen_teacher=False),
+        "onpolicy_rkl_0.5": Method(soft, {"lmbda": 0.5, **ON_POLICY}, "live logits on the student's samples"),
+        "onpolicy_rkl_1": Method(soft, {"lmbda": 1.0, **ON_POLICY}, "live logits on the student's samples"),
+        "onpolicy_token_0.5": Method(soft, {"lmbda": 0.5, "on_policy_loss": "sampled_token", **ON_POLICY},
+                                     "4 B (log-prob of each sampled token)"),
+        "onpolicy_token_1": Method(soft, {"lmbda": 1.0, "on_policy_loss": "sampled_token", **ON_POLICY},
+                                   "4 B (log-prob of each sampled token)"),
         "soft_topk32_stored": Method(soft, {}, "top-32 store", store={"kind": "topk", "k": 32}),
         "soft_sampled12_stored": Method(soft, {}, "12-draw sampled store",
                                         store={"kind": "sampled", "num_samples": 12}),
@@ -103,16 +113,26 @@ BUDGETS = {
 
 
 class History(L.Callback):
-    """Validation metrics after every validation run, with the step they were taken at."""
+    """Validation metrics after every validation run, with the step they were taken at and the training time
+    (seconds spent in training batches, validation excluded) up to it."""
 
     def __init__(self) -> None:
         self.rows: list[dict[str, float]] = []
+        self.train_seconds = 0.0
+        self._start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           idx: int) -> None:
+        self.train_seconds += time.perf_counter() - self._start
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
-        self.rows.append({"step": trainer.global_step, **metrics})
+        self.rows.append({"step": trainer.global_step, "train_s": self.train_seconds, **metrics})
 
 
 class TeacherCache:
@@ -125,16 +145,18 @@ class TeacherCache:
         self.teacher: SoftDistill | None = None  # loaded on a miss by a module without a live teacher
 
     def wrap(self, module: SoftDistill | HardDistill) -> None:
-        original = module.validation_teacher_logits
+        """Make the module's signal answer the validation metrics from the cached live teacher's logits."""
 
-        def cached(batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+        def cached(mod: SoftDistill, batch: dict[str, torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
+                   dataloader_idx: int) -> dict[str, torch.Tensor]:
             key = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
             if key not in self.store:
-                logits = original(batch) if module.teacher is not None else self.live(batch, module.device)
+                ids = batch["input_ids"]
+                logits = mod.teacher_logits(ids) if mod.teacher is not None else self.live(batch, mod.device)
                 self.store[key] = logits.to(torch.bfloat16)
-            return self.store[key].to(module.device)
+            return val_metrics.against_logits(student, self.store[key].to(mod.device)[:, :-1], labels)
 
-        module.validation_teacher_logits = cached
+        module.signal.validation_metrics = cached
 
     def live(self, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         if self.teacher is None:
@@ -170,7 +192,7 @@ def label(methods: dict[str, Method], budget: Budget, seed: int, workdir: Path) 
 
 
 def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: int, workdir: Path,
-        store: dict[str, Any] | None = None) -> dict[str, Any]:
+        store: dict[str, Any] | None = None, eval_new_tokens: int = 0) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     fast = bf16_is_fast()
     labels = store["path"] if store else None
@@ -179,6 +201,8 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     if method.kwargs.get("mode") == "generate":  # a fresh cache: the wall time includes generating
         shutil.rmtree(generations, ignore_errors=True)
         extra["generations_dir"] = str(generations)
+    if eval_new_tokens:
+        extra["eval_new_tokens"] = eval_new_tokens
     model = method.cls(teacher_dtype="auto", **method.kwargs, **extra)
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
                              batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed)
@@ -243,6 +267,7 @@ def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict
             lines.append(f"| {row['method']} | {f['val/ppl']:.1f} | {f['val_ood/ppl']:.1f} | {f['val/kl']:.3f} | "
                          f"{f['val/agreement']:.3f} | {row['storage']} | {row['wall_s']:.0f} s |")
         lines.append("")
+        lines += on_policy_view(rows)
         for row in rows:
             if "generations" in row:
                 g = row["generations"]
@@ -250,6 +275,28 @@ def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict
                              f"{g['distinct_4grams']:.0%} distinct 4-grams within a continuation on average.")
         lines.append("")
     return "\n".join(lines)
+
+
+def on_policy_view(rows: list[dict[str, Any]]) -> list[str]:
+    """The on-policy columns, at equal steps and at equal training time (that of the first row: each other row at
+    its validation whose training time is nearest to the first row's total)."""
+    if not any("val/teacher_logprob" in row["final"] for row in rows):
+        return []
+    budget = rows[0]["history"][-1]["train_s"]
+    lines = ["On the student's own greedy continuations of held-out prompts, scored by the teacher (higher "
+             "log-prob and lower reverse KL: text the teacher would have written), at equal steps and at equal "
+             f"training time ({rows[0]['method']}'s {budget:.0f} s of training batches):", "",
+             "| method | teacher log-prob / token | KL(student‖teacher) on own text | ppl in domain | train time | "
+             f"at {budget:.0f} s: step | log-prob | ppl in domain |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for row in rows:
+        f = row["final"]
+        if "val/teacher_logprob" not in f:
+            continue
+        near = min(row["history"][1:], key=lambda h: abs(h["train_s"] - budget))
+        lines.append(f"| {row['method']} | {f['val/teacher_logprob']:.3f} | {f['val/on_policy_rkl']:.3f} | "
+                     f"{f['val/ppl']:.1f} | {row['history'][-1]['train_s']:.0f} s | {near['step']} | "
+                     f"{near['val/teacher_logprob']:.3f} | {near['val/ppl']:.1f} |")
+    return [*lines, ""]
 
 
 def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
@@ -303,6 +350,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and label stores) already in OUT.json, run only the missing ones")
     parser.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
+    parser.add_argument("--eval-new-tokens", type=int, default=0,
+                        help="> 0: also score the student's own greedy continuations of held-out prompts (this many "
+                             "tokens) with the teacher: the on-policy columns")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="cap every budget's steps (and validate at the end): for a quick smoke run only")
     args = parser.parse_args(argv)
@@ -354,7 +404,7 @@ def main(argv: list[str] | None = None) -> None:
                 continue
             store = labelling[budget_name]["stores"].get(name)
             results[budget_name].append(run(name, methods[name], BUDGETS[budget_name], cache, args.seed, workdir,
-                                            store))
+                                            store, args.eval_new_tokens))
             write(out, results, labelling, methods, machine, command)
     print(out.with_suffix(".md").read_text())
 

@@ -64,16 +64,62 @@ def cache_dir() -> Path:
     return Path(os.environ.get("LIGHTNING_DISTILL_CACHE", Path.home() / ".cache" / "lightning_distill"))
 
 
-def resolve_model_path(name: str) -> str:
+def resolve_model_path(name: str, role: str = "model") -> str:
     """Turn a model name into something ``from_pretrained`` takes: builtin names become their converted cache
-    folder (converted on first use), anything else is returned unchanged."""
+    folder (converted on first use), an existing folder its path, a Hugging Face id stays as it is.
+
+    Raises ``ValueError`` naming ``role`` (the argument: ``teacher``, ``student``, ...) for an unknown builtin, a
+    folder or file that is not a saved model, and a path that does not exist (never sent to the Hub as an id)."""
     if not isinstance(name, str) or not name:
-        raise ValueError(f"model name must be a non-empty string, got {name!r}")
-    if not name.startswith("builtin:"):
-        return name
-    if name not in BUILTIN_MODELS:
-        raise ValueError(f"unknown builtin model {name!r}; known: {sorted(BUILTIN_MODELS)}")
-    return str(_converted_builtin(name, BUILTIN_MODELS[name]))
+        raise ValueError(f"{role} must be a model name (builtin:..., a Hugging Face id or a folder), got {name!r}")
+    if name.startswith("builtin:"):
+        if name not in BUILTIN_MODELS:
+            raise ValueError(f"{role}={name!r} is an unknown builtin model; known: {sorted(BUILTIN_MODELS)}")
+        return str(_converted_builtin(name, BUILTIN_MODELS[name]))
+    path = Path(name).expanduser()
+    if path.is_dir():
+        if not any((path / f).is_file() for f in ("config.json", "tokenizer_config.json", "tokenizer.json")):
+            raise ValueError(f"{role}={name!r} is a folder without config.json or tokenizer files: give the folder "
+                             "a model was saved to with save_pretrained")
+        return str(path)
+    if path.exists():
+        raise ValueError(f"{role}={name!r} is a file, not a model folder: give the folder written by "
+                         "save_pretrained, or a Hugging Face model id")
+    if _is_path_like(name):
+        raise ValueError(f"{role}={name!r}: no such folder ({path.absolute()}); if the model moved, point {role} at "
+                         "its new folder (a folder written by save_pretrained, or a Hugging Face model id)")
+    return name
+
+
+def _is_path_like(name: str) -> bool:
+    """Whether a missing ``name`` is meant as a local path rather than a Hugging Face id (``org/model``)."""
+    if name.startswith(("/", "~", ".")) or name.count("/") > 1 or "\\" in name:
+        return True
+    if "/" in name and Path(name.split("/", 1)[0]).is_dir():  # 'models/teacher' where ./models exists
+        return True
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)
+    except HFValidationError:
+        return True
+    return False
+
+
+def _load(loader: Any, name: str, role: str, **kwargs: Any) -> Any:
+    """``loader(resolved name)``, with a clear ``ValueError`` naming ``role`` when transformers cannot load it."""
+    where = resolve_model_path(name, role)
+    try:
+        return loader(where, **kwargs)
+    except (OSError, ValueError) as error:
+        first = str(error).strip().splitlines()[0][:300] if str(error).strip() else type(error).__name__
+        raise ValueError(f"{role}={name!r} could not be loaded ({first}): give a folder written by save_pretrained "
+                         "or a Hugging Face model id that is in the local cache or reachable from here") from error
+
+
+def load_config(name: str, role: str = "model") -> Any:
+    """The ``transformers`` config of a named model (no weights are read)."""
+    return _load(AutoConfig.from_pretrained, name, role)
 
 
 def _converted_builtin(name: str, spec: BuiltinModel) -> Path:
@@ -113,20 +159,21 @@ def _converted_builtin(name: str, spec: BuiltinModel) -> Path:
     return target
 
 
-def load_tokenizer(name: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(name: str, role: str = "tokenizer") -> PreTrainedTokenizerBase:
     """The tokenizer of a named model, with a pad token (EOS when the model has none)."""
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name))
+    tokenizer = _load(AutoTokenizer.from_pretrained, name, role)
     if tokenizer.eos_token_id is None:
-        raise ValueError(f"the tokenizer of {name!r} has no EOS token; documents cannot be separated when packing")
+        raise ValueError(f"the tokenizer of {role}={name!r} has no EOS token; documents cannot be separated when "
+                         "packing")
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_model(name: str, dtype: torch.dtype | str | None = None) -> PreTrainedModel:
+def load_model(name: str, dtype: torch.dtype | str | None = None, role: str = "model") -> PreTrainedModel:
     """A causal LM from a name (builtin, Hugging Face id or folder), on CPU, in ``dtype`` (default float32)."""
     dtype = as_dtype(dtype) or torch.float32
-    return AutoModelForCausalLM.from_pretrained(resolve_model_path(name), dtype=dtype)
+    return _load(AutoModelForCausalLM.from_pretrained, name, role, dtype=dtype)
 
 
 def load_teacher(
@@ -173,7 +220,7 @@ def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = 
         A trainable causal LM (``train()`` mode, float32).
     """
     if isinstance(spec, str):
-        return load_model(spec).train()
+        return load_model(spec, role="student").train()
     if not isinstance(spec, dict) or len(spec) != 1 or next(iter(spec)) not in ("from_teacher", "config"):
         raise ValueError(
             "student must be a model name, {'from_teacher': {'layers': N}} or {'config': {...}}, "
@@ -266,6 +313,23 @@ def check_tokenizers(
         )
 
 
+def check_vocabulary(student: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, teacher_vocab: int | None,
+                     student_spec: Any, teacher_name: Any) -> None:
+    """Raise ``ValueError`` when the student cannot take the tokenizer's ids (its vocabulary is smaller), or, when
+    ``teacher_vocab`` is given (methods that compare distributions or picks id by id), when its output head differs
+    from the teacher's."""
+    size = int(student.config.vocab_size)
+    if size < len(tokenizer):
+        raise ValueError(f"student={student_spec!r} has {size} token ids, fewer than the tokenizer's {len(tokenizer)}: "
+                         f"the corpus would hold ids it cannot embed. Give it vocab_size={len(tokenizer)} (or leave "
+                         "vocab_size out of a student config: it is taken from the teacher)")
+    if teacher_vocab is not None and size != teacher_vocab:
+        raise ValueError(f"student={student_spec!r} predicts {size} token ids, teacher={teacher_name!r} "
+                         f"{teacher_vocab}: distillation compares them id by id. Use a student with "
+                         f"vocab_size={teacher_vocab} (or student={{'from_teacher': {{'layers': N}}}}), or "
+                         "HardDistill(mode='generate'), which trains on the teacher's text only")
+
+
 def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     """A short hash of a tokenizer's vocabulary, special tokens and ids on a probe text: equal fingerprints mean
     the same token ids for the same text (used to key token caches and to check stored labels)."""
@@ -290,12 +354,12 @@ def bf16_is_fast() -> bool:
         return False
 
 
-def as_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+def as_dtype(dtype: torch.dtype | str | None, name: str = "dtype") -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
     if dtype == "auto":
         return torch.bfloat16 if bf16_is_fast() else torch.float32
     value = getattr(torch, str(dtype).removeprefix("torch."), None)
     if not isinstance(value, torch.dtype):
-        raise ValueError(f"dtype must be 'auto' or a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
+        raise ValueError(f"{name} must be 'auto' or a torch dtype name such as 'float32' or 'bfloat16', got {dtype!r}")
     return value

@@ -5,15 +5,23 @@ W&B online or offline is decided once, when :class:`OfflineFirstWandbLogger` is 
 ``WANDB_MODE`` wins when set; otherwise the run goes online only when credentials exist (``WANDB_API_KEY``,
 ``WANDB_IDENTITY_TOKEN_FILE`` or a ``.netrc`` entry for the W&B host, which ``wandb login`` writes), and offline
 otherwise, so that a machine without an account or a network never blocks on a login prompt or a connection.
-Offline runs are uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``.
+Offline runs are uploaded later with ``wandb sync <save_dir>/wandb/offline-run-*``. A run resumed from a checkpoint
+continues the same W&B run (:meth:`OfflineFirstWandbLogger.continue_run`; the CLI does it for ``--ckpt_path``).
+
+Interrupts: :class:`GracefulInterrupt` makes Ctrl+C finish the step under way and stop as an interrupt, so that
+``ModelCheckpoint(save_on_exception=True)`` writes a consistent checkpoint (and ``last.ckpt``) and
+:class:`ExportStudent` a partial student (a ``PARTIAL`` file beside it says so).
 
 The labelling callback of ``lightning-distill predict`` is :class:`lightning_distill.store.LabelWriter`.
 """
 
 from __future__ import annotations
 
+import json
 import netrc
 import os
+import signal
+import threading
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
@@ -22,6 +30,8 @@ import lightning as L
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+
+from lightning_distill import sharding
 
 #: prompts of :class:`SampleTable` when none are given: the built-in corpus (Python docs) and out of domain
 DEFAULT_PROMPTS = (
@@ -110,6 +120,17 @@ class OfflineFirstWandbLogger(WandbLogger):
                    "no W&B credentials: set WANDB_API_KEY or run `wandb login` to log online")
             rank_zero_info(f"W&B is offline ({why}); the run is written under {Path(save_dir) / 'wandb'}: upload "
                            f"it later with `wandb sync {Path(save_dir) / 'wandb'}/offline-run-*`")
+
+    def continue_run(self, run_id: str) -> None:
+        """Log into the W&B run ``run_id`` (``resume="allow"``) instead of a new one: a resumed fit's history
+        continues the interrupted run's. Call it before the run starts (before ``fit``)."""
+        if self._experiment is not None:
+            raise ValueError("continue_run must be called before the W&B run starts (before trainer.fit)")
+        if not isinstance(run_id, str) or not run_id:
+            raise ValueError(f"run_id must be a W&B run id, got {run_id!r}")
+        self._wandb_init.update(id=run_id, resume="allow")
+        self._id = run_id
+        rank_zero_info(f"W&B: continuing run {run_id}")
 
 
 def wandb_logger(trainer: L.Trainer) -> WandbLogger | None:
@@ -206,10 +227,67 @@ class SampleTable(L.Callback):
         return [[p, t, s] for p, t, s in zip(self.prompts, teacher, student, strict=True)]
 
 
+# ------------------------------------------------------------------------------------------- interrupts
+class GracefulInterrupt(L.Callback):
+    """Ctrl+C (SIGINT) during ``fit`` finishes the optimizer step under way, then stops the run as an interrupt:
+    Lightning calls every callback's ``on_exception`` (``ModelCheckpoint(save_on_exception=True)`` writes a
+    checkpoint and ``last.ckpt`` there, :class:`ExportStudent` a partial student) and exits with status 1. The
+    checkpoint is taken between steps, so a run resumed from it goes on exactly. A second Ctrl+C stops at once.
+    Under DDP the ranks agree on the step to stop after."""
+
+    def __init__(self) -> None:
+        self.requested = False
+        self._previous: Any = None
+        self._step = -1
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if threading.current_thread() is threading.main_thread():
+            self.requested, self._previous = False, signal.signal(signal.SIGINT, self._request)
+
+    def _request(self, signum: int, frame: Any) -> None:
+        if self.requested:  # a second Ctrl+C: stop now
+            self._restore()
+            raise KeyboardInterrupt
+        self.requested = True
+        print("\nCtrl+C: stopping after this step, with a checkpoint (Ctrl+C again stops at once)", flush=True)
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self._step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self._step:  # inside a gradient-accumulation window: no step finished
+            return
+        stop = self.requested
+        if trainer.world_size > 1:
+            stop = trainer.strategy.reduce_boolean_decision(stop, all=False)
+        if stop:
+            self._restore()
+            raise KeyboardInterrupt(f"interrupted after step {trainer.global_step}")
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._restore()
+
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        self._restore()
+
+    def _restore(self) -> None:
+        if self._previous is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous)
+        self._previous = None
+
+
 # ----------------------------------------------------------------------------------------------- export
+#: the file beside an exported student that says it is not the end of training (an interrupt or error stopped it)
+PARTIAL = "PARTIAL"
+
+
 class ExportStudent(L.Callback):
     """At the end of ``fit``, export the student as a Hugging Face folder (``pl_module.export``) and, opt-in, log
-    that folder to W&B as a ``model`` artifact named ``<artifact_name>-<run id>``.
+    that folder to W&B as a ``model`` artifact named ``<artifact_name>-<run id>``. When an interrupt or an error
+    stops the fit, the student is exported as it was, with a ``PARTIAL`` file (JSON: step, reason) beside it; a
+    later complete export removes that file.
 
     Args:
         dirpath: where to write the folder; default ``<trainer.log_dir>/student`` (the run's folder).
@@ -226,10 +304,13 @@ class ExportStudent(L.Callback):
         self.exported: str | None = None
 
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        path = self.dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "student")
+        path = self._path(trainer)
         if not trainer.is_global_zero:
+            if sharding.is_sharded(pl_module):  # FSDP: gathering the student takes every rank (rank 0 writes)
+                pl_module.export(path)
             return
         self.exported = pl_module.export(path)
+        (Path(path) / PARTIAL).unlink(missing_ok=True)
         rank_zero_info(f"ExportStudent: student written to {path} (AutoModelForCausalLM.from_pretrained loads it)")
         logger = wandb_logger(trainer)
         if not self.log_artifact:
@@ -244,3 +325,22 @@ class ExportStudent(L.Callback):
                                   metadata={"method": type(pl_module).__name__, "step": trainer.global_step})
         artifact.add_dir(path)
         run.log_artifact(artifact, aliases=["latest"])
+
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        """Export the student of an interrupted or failed fit, marked ``PARTIAL`` (never hiding the exception)."""
+        if trainer.state.fn != "fit" or not trainer.is_global_zero or getattr(pl_module, "student", None) is None:
+            return
+        path = self._path(trainer)
+        reason = f"{type(exception).__name__}: {exception}".strip()
+        try:
+            self.exported = pl_module.export(path)
+            (Path(path) / PARTIAL).write_text(json.dumps({"step": trainer.global_step, "reason": reason}) + "\n")
+        except Exception as error:  # the exception that stopped the run is the one to see
+            rank_zero_warn(f"ExportStudent: the run stopped ({reason}) and the partial student could not be "
+                           f"exported: {error}")
+            return
+        rank_zero_info(f"ExportStudent: the run stopped at step {trainer.global_step} ({reason}); the student as it "
+                       f"was is in {path}, marked by {Path(path) / PARTIAL}")
+
+    def _path(self, trainer: L.Trainer) -> str:
+        return self.dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "student")

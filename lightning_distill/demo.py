@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     data.setup("fit")
     epochs = math.ceil(args.steps / math.ceil(len(data.train_blocks) / args.batch_size))  # for the progress bar
     # Validate once, at the last step (the "after" numbers); check_val_every_n_epoch=None counts in steps.
-    trainer = L.Trainer(max_steps=args.steps, max_epochs=epochs, precision=precision, limit_val_batches=args.val_batches,
-                        val_check_interval=args.steps, check_val_every_n_epoch=None, logger=False,
-                        default_root_dir=str(out), enable_model_summary=False, num_sanity_val_steps=0,
-                        log_every_n_steps=5)
+    trainer = L.Trainer(max_steps=args.steps, max_epochs=epochs, precision=precision,
+                        limit_val_batches=args.val_batches, val_check_interval=args.steps,
+                        check_val_every_n_epoch=None, logger=False, default_root_dir=str(out),
+                        enable_model_summary=False, num_sanity_val_steps=0, log_every_n_steps=5)
     before = validate(trainer, model, data)
     fit_start = time.perf_counter()
     trainer.fit(model, data)  # ends with a validation at the last step

@@ -47,14 +47,17 @@ class GenerationSettings:
 
 
 @torch.no_grad()
-def generate(model: PreTrainedModel, prompts: Tensor, settings: GenerationSettings, eos_id: int) -> Tensor:
-    """Continuations of equal-length prompts by ``model`` (KV cache, in eval mode, no gradient).
+def generate(model: PreTrainedModel, prompts: Tensor, settings: GenerationSettings, eos_id: int,
+             attention_mask: Tensor | None = None, synced_gpus: bool = False) -> Tensor:
+    """Continuations of prompts by ``model`` (batched, KV cache, in eval mode, no gradient).
 
     Args:
         model: a causal LM (its train/eval mode is restored afterwards).
-        prompts: (M, P) token ids, no padding.
+        prompts: (M, P) token ids: equal-length prompts, or left-padded ones with ``attention_mask``.
         settings: sampling settings.
         eos_id: end-of-sequence id, also used to pad rows that stopped early.
+        attention_mask: (M, P), 0 on left padding; ``None``: no padding.
+        synced_gpus: keep every rank stepping until all are done (needed when the model is sharded).
 
     Returns:
         (M, N) new token ids on the CPU, N = ``settings.max_new_tokens``, EOS-padded.
@@ -62,10 +65,11 @@ def generate(model: PreTrainedModel, prompts: Tensor, settings: GenerationSettin
     was_training = model.training
     model.eval()
     sample = settings.do_sample
+    mask = torch.ones_like(prompts) if attention_mask is None else attention_mask
     out = model.generate(
-        prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=settings.max_new_tokens, do_sample=sample,
+        prompts, attention_mask=mask, max_new_tokens=settings.max_new_tokens, do_sample=sample,
         temperature=settings.temperature if sample else None, top_p=settings.top_p if sample else None,
-        pad_token_id=eos_id,
+        pad_token_id=eos_id, synced_gpus=synced_gpus,
     )
     model.train(was_training)
     new = out[:, prompts.shape[1]:]  # (M, <= N)

@@ -5,7 +5,10 @@
 - ``kl``: KL(teacher || student) at temperature 1; ``agreement``: share of positions where the student's arg-max
   is the teacher's; ``teacher_ce`` (and ``teacher_ppl``): the teacher's own cross-entropy. From a live teacher's
   logits (:func:`against_logits`), or from stored labels (:func:`against_stored`), where the KL is the exact KL of
-  both distributions coarse-grained to the stored ids + the rest (top-k) or an unbiased estimate (sampled).
+  both distributions coarse-grained to the stored ids + the rest (top-k) or an unbiased estimate (sampled);
+- with ``eval_new_tokens > 0`` (on-policy view, :func:`lightning_distill.signals.sampled.greedy_scores`):
+  ``teacher_logprob``, the teacher's mean log-prob of the student's own greedy continuations of held-out prompts,
+  and ``on_policy_rkl``, KL(student || teacher) on them.
 
 Each is a mean over valid target tokens, accumulated over the validation run by :class:`ValidationMetrics`.
 """
@@ -20,7 +23,7 @@ from lightning_distill import losses, sparse
 from lightning_distill.losses import IGNORE_INDEX
 
 #: token-weighted validation means; ``ce`` and ``teacher_ce`` are also logged as perplexities
-NAMES = ("ce", "kl", "agreement", "teacher_ce")
+NAMES = ("ce", "kl", "agreement", "teacher_ce", "teacher_logprob", "on_policy_rkl")
 PREFIXES = ("val", "val_ood")
 
 

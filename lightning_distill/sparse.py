@@ -148,10 +148,28 @@ def _sampled_ce(student_logp: Tensor, sample_ids: Tensor, sample_weights: Tensor
     return -(sample_weights * student_logp.gather(-1, sample_ids)).sum(-1)
 
 
-SPARSE_DIVERGENCES: dict[str, Callable[..., Tensor]] = {"topk": _topk_kl, "sampled": _sampled_ce, "top1": _sampled_ce}
+def _sampled_token(student_logp: Tensor, ids: Tensor, teacher_logp: Tensor, tail: str,
+                   divergence: Divergence) -> Tensor:
+    """On-policy distillation from the teacher's log-prob of each token the student sampled: (N, V), (N, 1),
+    (N, 1) -> (N,).
+
+    The per-token reverse-KL estimate k = log p_s(x) - log p_t(x), x ~ p_s, is a negative advantage (reward
+    log p_t - log p_s, discount 0; "On-Policy Distillation", Thinking Machines 2025; the policy gradient of MiniLLM,
+    Gu et al. 2024): the value returned is k, its gradient k * grad log p_s(x) (REINFORCE), whose expectation is the
+    gradient of the reverse KL at that position. Gradient flows only through the student's log-prob of its own token.
+    """
+    student_x = student_logp.gather(-1, ids)  # (N, 1)
+    estimate = (student_x - teacher_logp).detach()  # (N, 1)
+    surrogate = estimate * student_x  # gradient: estimate * grad log p_s(x)
+    return (estimate + surrogate - surrogate.detach()).sum(-1)
+
+
+SPARSE_DIVERGENCES: dict[str, Callable[..., Tensor]] = {"topk": _topk_kl, "sampled": _sampled_ce, "top1": _sampled_ce,
+                                                        "tokens": _sampled_token}
 """Per-token sparse losses ``fn(student_logp (N, V), ids (N, K), values (N, K), tail, divergence) -> (N,)``;
 ``top1`` (the teacher's picks, weight 1) is the sampled loss of one sure draw: KL to a one-hot teacher, which is
-the cross-entropy of its pick."""
+the cross-entropy of its pick; ``tokens`` (the student's own tokens with the teacher's log-probs) is the on-policy
+sampled-token loss."""
 
 
 @dataclass(frozen=True)
@@ -162,8 +180,9 @@ class SparseTargets(SparseTarget):
     tensors: ``targets[:, :-1]``.
 
     Attributes:
-        kind: ``"topk"`` (values are teacher log-probs), ``"sampled"`` (values are sample weights) or ``"top1"``
-            (the teacher's picks, :meth:`from_picks`).
+        kind: ``"topk"`` (values are teacher log-probs), ``"sampled"`` (values are sample weights), ``"top1"``
+            (the teacher's picks, :meth:`from_picks`) or ``"tokens"`` (the next tokens of the sequence itself, values
+            the teacher's log-probs of them: :meth:`from_token_logprobs`).
         ids: (B, T, K) long teacher ids.
         values: (B, T, K) float, aligned with ``ids``.
         tail: ``topk``: how the teacher's missing mass is treated, ``"bucket"`` or ``"renorm"``.
@@ -184,6 +203,13 @@ class SparseTargets(SparseTarget):
     def from_picks(cls, picks: Tensor) -> SparseTargets:
         """The teacher's chosen tokens (B, T) as a target: one id per position with weight 1 (hard labels)."""
         return cls("top1", picks.unsqueeze(-1), torch.ones_like(picks, dtype=torch.float32).unsqueeze(-1))
+
+    @classmethod
+    def from_token_logprobs(cls, input_ids: Tensor, teacher_logprobs: Tensor) -> SparseTargets:
+        """The on-policy sampled-token target of sequences (B, T) the student wrote: at t, the token t + 1 and the
+        teacher's log-prob of it (B, T) (the last position, which predicts nothing, holds a placeholder)."""
+        following = input_ids.roll(-1, dims=1)  # (B, T)
+        return cls("tokens", following.unsqueeze(-1), teacher_logprobs.float().unsqueeze(-1))
 
     def __getitem__(self, index: object) -> SparseTargets:
         return replace(self, ids=self.ids[index], values=self.values[index])

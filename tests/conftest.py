@@ -3,6 +3,7 @@ unit test runs the real loading code in seconds on CPU without the embedded teac
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from pathlib import Path
 
@@ -108,3 +109,30 @@ def write_labels(model, path, data=None, trainer_kwargs=None, **writer_kwargs) -
     trainer = tiny_trainer(path.parent, callbacks=[writer], **(trainer_kwargs or {}))
     assert trainer.predict(model, datamodule=data or small_data()) is None  # predictions are not kept
     return str(path)
+
+
+requires_litdata = pytest.mark.skipif(importlib.util.find_spec("litdata") is None,
+                                      reason="litdata is not installed (pip install 'lightning-distill[scale]')")
+
+
+def write_jsonl_corpus(path: Path, docs: int = 40, chars: int = 400) -> str:
+    """A JSONL file of ``docs`` documents: the first ``chars`` characters of the built-in corpus' topics."""
+    import json
+    from pydoc_data.topics import topics
+
+    texts = [topics[name][:chars] for name in sorted(topics)][:docs]
+    content = "".join(json.dumps({"text": t}) + "\n" for t in texts)
+    if not path.exists() or path.read_text(encoding="utf-8") != content:  # kept as it is: its mtime keys caches
+        path.write_text(content, encoding="utf-8")
+    return str(path)
+
+
+def prepared_corpus(path: Path, tokenizer: str, **kwargs) -> str:
+    """A small JSONL corpus (:func:`write_jsonl_corpus`) prepared for streaming into ``path`` with small chunks (so
+    that there are several): about 3,000 train and 300 validation tokens with the tiny tokenizer."""
+    from lightning_distill.data import prepare_corpus
+
+    path.mkdir(parents=True, exist_ok=True)
+    source = write_jsonl_corpus(path / "source.jsonl")
+    settings = {"block_size": 16, "chunk_tokens": 512, "num_workers": 1, **kwargs}
+    return prepare_corpus(source, str(path / "prepared"), tokenizer, **settings)

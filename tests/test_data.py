@@ -344,3 +344,16 @@ def test_builtin_corpus_with_the_embedded_tokenizer():
     dm.setup("fit")
     assert dm.train_blocks.shape[1] == 128 and len(dm.train_blocks) > 500 and len(dm.val_blocks) > 20
     assert dm.train_blocks.max() < 49152
+
+
+def test_single_process_order_is_a_seeded_shuffling_dataloaders():
+    """The resumable order of one process is the one a DataLoader(shuffle=True, generator=seeded) gave, epoch after
+    epoch, so that results measured before the position was checkpointed still reproduce."""
+    from torch.utils.data import DataLoader
+
+    from lightning_distill.data.sampler import single_process_order
+
+    for n in (45, 7):
+        loader = DataLoader(list(range(n)), batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(3))
+        for epoch in range(3):
+            assert [int(x) for b in loader for x in b] == single_process_order(n, 3, epoch)

@@ -20,6 +20,8 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_in
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill import backbone
+from lightning_distill.data.prepare import is_prepared
+from lightning_distill.data.sampler import ResumableLoader, ResumableSampler, check_position, train_position
 from lightning_distill.data.sources import expand_sources
 from lightning_distill.data.tokens import cached_tokens, pack, split_documents
 
@@ -37,7 +39,9 @@ class DistillDataModule(L.LightningDataModule):
 
     Args:
         corpus: a source or a list of sources: ``"builtin:python-docs"``, a text file, a glob, a ``.jsonl``
-            file, or a Hugging Face dataset folder written by ``save_to_disk``.
+            file, or a Hugging Face dataset folder written by ``save_to_disk``; or a prepared corpus, streamed
+            instead of held in memory (a folder written by :func:`~lightning_distill.data.prepare_corpus`, or
+            its copy on object storage, ``s3://...``: see :mod:`lightning_distill.data.streaming`).
         tokenizer: model name or path whose tokenizer to use (:func:`backbone.load_tokenizer`). ``None``: the
             one given to :meth:`set_tokenizer`, else ``trainer.lightning_module.tokenizer``.
         block_size: tokens per block, T; at most the model's maximum positions when known: from the config
@@ -83,7 +87,9 @@ class DistillDataModule(L.LightningDataModule):
         if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer):
             raise ValueError(f"tokenizer must be a model name or path, or None for the model's, "
                              f"got {tokenizer!r}")
-        expand_sources(corpus)  # fail fast on unknown builtins, missing files and empty globs
+        self._stream = _streamed(corpus)  # a prepared corpus: streamed, never packed in memory
+        if self._stream is None:
+            expand_sources(corpus)  # fail fast on unknown builtins, missing files and empty globs
         if ood_corpus is not None:
             expand_sources(ood_corpus)
         self.save_hyperparameters()
@@ -93,6 +99,7 @@ class DistillDataModule(L.LightningDataModule):
         self._val_blocks: torch.Tensor | None = None  # (N_val, T)
         self._ood_blocks: torch.Tensor | None = None  # (N_ood, T)
         self._plan: dict[str, list[int]] | None = None  # split -> blocks predict serves (label writer)
+        self._resume_at: dict[str, int] | None = None  # {"epoch", "batches"} restored from a checkpoint
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, max_positions: int | None = None) -> None:
         """Use this tokenizer (e.g. in a notebook); ``max_positions`` bounds ``block_size``."""
@@ -103,17 +110,20 @@ class DistillDataModule(L.LightningDataModule):
 
     @property
     def train_blocks(self) -> torch.Tensor:
-        """Packed train blocks, LongTensor (N_train, T), built by :meth:`setup`."""
+        """Packed train blocks, LongTensor (N_train, T), built by :meth:`setup` (a prepared corpus: random access
+        to its blocks on disk, :class:`~lightning_distill.data.streaming.StreamedBlocks`)."""
         return _built(self._train_blocks)
 
     @property
     def val_blocks(self) -> torch.Tensor:
-        """Packed validation blocks, LongTensor (N_val, T), built by :meth:`setup`."""
+        """Packed validation blocks, LongTensor (N_val, T), built by :meth:`setup` (a prepared corpus: as
+        :attr:`train_blocks`)."""
         return _built(self._val_blocks)
 
     def prepare_data(self) -> None:
         """Read and tokenize the corpus into the token cache, unless the cache already holds it."""
-        self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
+        if self._stream is None:
+            self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
         if self.hparams.ood_corpus is not None:
             self._cached_tokens(self.hparams.ood_corpus, None)
 
@@ -125,6 +135,8 @@ class DistillDataModule(L.LightningDataModule):
     def corpus_fingerprint(self) -> str:
         """A hash of the packed train and validation blocks: equal fingerprints mean every ``block_idx`` holds
         the same tokens, which stored labels rely on."""
+        if self._stream is not None:
+            return self._stream.fingerprint(self.hparams.block_size)
         digest = hashlib.sha256()
         for blocks in (self.train_blocks, self.val_blocks):
             digest.update(repr(tuple(blocks.shape)).encode() + blocks.to(torch.int32).numpy().tobytes())
@@ -145,7 +157,17 @@ class DistillDataModule(L.LightningDataModule):
         # every rank keeps one loader per split, so a rank's share of a split may be empty
         self.allow_zero_length_dataloader_with_multiple_devices = plan is not None
 
+    def chunk_starts(self, split: str) -> list[int] | None:
+        """The first block of each chunk of a prepared corpus' split (label shards never straddle chunks);
+        ``None`` for a corpus held in memory."""
+        return None if self._stream is None else self._stream.chunk_starts(split, self.hparams.block_size)
+
     def _build_blocks(self) -> None:
+        if self._stream is not None:  # blocks stay on disk: random access for labelling, streams for training
+            tokenizer, hp = self._resolve_tokenizer(), self.hparams
+            self._stream.check(tokenizer, hp.block_size, hp.val_fraction, hp.max_documents)
+            self._train_blocks, self._val_blocks = (self._stream.blocks(s, hp.block_size) for s in SPLITS)
+            return self._build_ood_blocks(tokenizer)
         tokenizer, cache = self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
         with np.load(cache) as data:
             tokens, offsets, doc_ids = data["tokens"], data["offsets"], data["doc_ids"]  # (N,) (D+1,) (D,)
@@ -164,6 +186,10 @@ class DistillDataModule(L.LightningDataModule):
                     "smaller block_size or more text"
                 )
         self._train_blocks, self._val_blocks = blocks
+        self._build_ood_blocks(tokenizer)
+
+    def _build_ood_blocks(self, tokenizer: PreTrainedTokenizerBase) -> None:
+        hp = self.hparams
         if hp.ood_corpus is not None:
             _, ood_cache = self._cached_tokens(hp.ood_corpus, None)
             with np.load(ood_cache) as data:
@@ -177,31 +203,67 @@ class DistillDataModule(L.LightningDataModule):
                        f"validation blocks of {hp.block_size} tokens")
 
     def train_dataloader(self) -> DataLoader:
-        """Train blocks in a seeded shuffled order."""
-        generator = torch.Generator().manual_seed(self.hparams.seed)
-        return self._loader(BlockDataset(self.train_blocks), generator)
+        """Train blocks in an order that is a function of (seed, epoch), each rank its share
+        (:class:`~lightning_distill.data.sampler.ResumableSampler`); after :meth:`load_state_dict`, from the
+        position a checkpoint recorded. A prepared corpus is streamed by litdata's ``StreamingDataLoader``, whose
+        position Lightning keeps in the checkpoint itself."""
+        hp = self.hparams
+        if self._stream is not None:
+            return self._stream.loader("train", hp.block_size, batch_size=hp.batch_size, num_workers=hp.num_workers,
+                                       shuffle=True, seed=hp.seed)
+        dataset = BlockDataset(self.train_blocks)
+        trainer = self.trainer
+        replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
+        at = self._resume_at or {"epoch": 0, "batches": 0}
+        sampler = ResumableSampler(dataset, replicas, rank, seed=self.hparams.seed, epoch=at["epoch"],
+                                   start=at["batches"] * self.hparams.batch_size)
+        self._resume_at = None  # used once: a later loader (another fit) starts afresh
+        return self._loader(dataset, sampler=sampler)
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         """Validation blocks in order; with ``ood_corpus``, a second loader over its blocks."""
-        val = self._loader(BlockDataset(self.val_blocks))
+        val = self._in_order("validation")
         return val if self._ood_blocks is None else [val, self._loader(BlockDataset(self._ood_blocks))]
 
     def test_dataloader(self) -> DataLoader:
         """The validation blocks in order (there is no separate test split)."""
-        return self._loader(BlockDataset(self.val_blocks))
+        return self._in_order("validation")
 
     def predict_dataloader(self) -> DataLoader | list[DataLoader]:
         """Train blocks in order, to label the corpus with a teacher (``block_idx`` keys the labels); after
         :meth:`plan_predict`, one loader per planned split over its planned blocks."""
         if self._plan is None:
-            return self._loader(BlockDataset(self.train_blocks))
+            return self._in_order("train")
         blocks = {"train": self.train_blocks, "validation": self.val_blocks}
         return [self._loader(PlannedBlocks(blocks[split], indices)) for split, indices in self._plan.items()]
 
-    def _loader(self, dataset: Dataset, shuffle_with: torch.Generator | None = None) -> DataLoader:
+    def _in_order(self, split: str) -> DataLoader:
+        """A split's blocks in order (a prepared corpus: streamed, split over ranks by litdata)."""
+        hp = self.hparams
+        if self._stream is not None:
+            return self._stream.loader(split, hp.block_size, batch_size=hp.batch_size, num_workers=hp.num_workers)
+        return self._loader(BlockDataset(self.train_blocks if split == "train" else self.val_blocks))
+
+    def _loader(self, dataset: Dataset, sampler: ResumableSampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers
-        return DataLoader(dataset, batch_size=self.hparams.batch_size, shuffle=shuffle_with is not None,
-                          generator=shuffle_with, num_workers=workers, persistent_workers=workers > 0)
+        # its own generator: starting an iterator never draws from the global random state, which a checkpoint
+        # restores (a resumed run starts iterators at other moments than the uninterrupted one)
+        generator = torch.Generator().manual_seed(self.hparams.seed)
+        loader = DataLoader if sampler is None else ResumableLoader
+        return loader(dataset, batch_size=self.hparams.batch_size, sampler=sampler, num_workers=workers,
+                      persistent_workers=workers > 0, generator=generator)
+
+    def state_dict(self) -> dict[str, Any]:
+        """The position in the training order (saved in every checkpoint written during ``fit``)."""
+        if self.trainer is None or self.trainer.state.fn != "fit":
+            return {}
+        return {"train_position": train_position(self.trainer)}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Resume the training order where a checkpoint recorded it (Lightning calls this before asking for the
+        train loader)."""
+        if "train_position" in state_dict:
+            self._resume_at = check_position(state_dict["train_position"])
 
     def _resolve_tokenizer(self) -> PreTrainedTokenizerBase:
         """The tokenizer: ``set_tokenizer``'s, else the ``tokenizer`` name's, else the attached module's."""
@@ -266,6 +328,16 @@ class PlannedBlocks(IterableDataset):
         worker = get_worker_info()
         mine = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
         return (self.dataset[i] for i in mine)
+
+
+def _streamed(corpus: Any) -> Any:
+    """A :class:`~lightning_distill.data.streaming.StreamedCorpus` for a prepared corpus, else ``None`` (imported
+    only then: it needs the optional ``litdata``)."""
+    if not is_prepared(corpus):
+        return None
+    from lightning_distill.data.streaming import StreamedCorpus
+
+    return StreamedCorpus(corpus)
 
 
 def _config_max_positions(name: str) -> int | None:

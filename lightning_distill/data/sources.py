@@ -3,9 +3,13 @@
 - ``builtin:python-docs``: the documentation topics that ship with CPython (``pydoc_data.topics``, ~80 docs).
 - ``builtin:shakespeare``: ~16 KB of Shakespeare (public domain) shipped in this package: out-of-domain text for
   measuring what a student keeps of the teacher's general skill (``ood_corpus``).
-- a text file or a glob (``docs/**/*.md``): one file is one document, read as UTF-8 (bad bytes replaced).
+- a text file or a glob (``docs/**/*.md``): one file is one document, read as UTF-8 (a few bad bytes replaced; a
+  binary file is an error).
 - a JSONL file (``*.jsonl``): one line is one document, its text in the field ``text_field``.
 - a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``: its "train" split or only split).
+
+A corpus prepared for streaming (:func:`lightning_distill.data.prepare_corpus`) is not a source but a corpus of its
+own: :class:`~lightning_distill.data.DistillDataModule` streams it (:mod:`lightning_distill.data.streaming`).
 """
 
 from __future__ import annotations
@@ -93,13 +97,25 @@ def documents(corpus: str | list[str], text_field: str = "text") -> list[str]:
         elif kind == "hf":
             found = _read_hf(where, text_field)
         else:
-            found = [Path(where).read_text(encoding="utf-8", errors="replace")]
+            found = [_read_text(Path(where))]
         found = [t for t in found if t.strip()]
         if not found:
             raise ValueError(f"corpus source {where!r} holds no text (empty or whitespace only): fill it or "
                              "remove it from corpus")
         texts += found
     return texts
+
+
+def _read_text(path: Path) -> str:
+    """A text file as UTF-8 (a few bad bytes replaced); a file that is not text (NUL bytes, or more than 1% of it
+    undecodable: a binary file, or another encoding) raises ``ValueError``."""
+    data = path.read_bytes()
+    text = data.decode("utf-8", errors="replace")
+    bad, nul = text.count("\ufffd"), b"\x00" in data
+    if nul or bad > max(8, len(text) // 100):
+        raise ValueError(f"corpus file {str(path)!r} is not UTF-8 text ({bad} of {len(data)} bytes undecodable"
+                         f"{', NUL bytes' if nul else ''}): convert it to UTF-8 text, or remove it from corpus")
+    return text
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:

@@ -15,6 +15,7 @@ either frozen or trained alongside (CoDistill). It owns
 
 from __future__ import annotations
 
+import os
 import time
 import warnings
 from typing import Any
@@ -22,23 +23,17 @@ from typing import Any
 import lightning as L
 import torch
 from torch import Tensor
-from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_distill import chunked, generation, losses, optim
+from lightning_distill import checkpoint as saved
+from lightning_distill import checks, chunked, generation, losses, optim, sharding
 from lightning_distill.accumulation import TokenWindow
-from lightning_distill.backbone import (
-    DEFAULT_TEACHER,
-    as_dtype,
-    build_student,
-    check_tokenizers,
-    freeze,
-    load_model,
-    load_tokenizer,
-    resolve_model_path,
-)
+from lightning_distill.backbone import DEFAULT_TEACHER, as_dtype, load_tokenizer
 from lightning_distill.losses import IGNORE_INDEX, Divergence
 from lightning_distill.metrics import ValidationMetrics
+from lightning_distill.modules import building
 from lightning_distill.signals import Distribution, LiveTeacher, TeacherHidden, TeacherSignal
+from lightning_distill.signals.sampled import greedy_scores
 from lightning_distill.sparse import SparseTargets
 
 # A frozen teacher is in eval mode on purpose; Lightning warns about eval-mode modules at fit start.
@@ -56,6 +51,11 @@ class DistillModule(L.LightningModule):
         teacher_dtype: dtype of a frozen teacher's weights: ``"bfloat16"`` halves its memory and, on GPUs and
             CPUs with bf16 units, runs it faster; ``"auto"`` (default) picks bfloat16 where it is native, else
             float32; ``None`` keeps float32.
+        teacher_sharding: where a frozen teacher lives under FSDP (``--trainer.strategy fsdp``, or
+            ``ModelParallelStrategy``): ``"shard"`` (default) splits its decoder layers across ranks, each a unit
+            of its own in its own dtype, its embedding and head whole on every rank; ``"replicate"`` keeps all of
+            it on every rank (a small teacher: no all-gathers). Unused without FSDP; see
+            :mod:`lightning_distill.sharding`.
         learning_rate: peak learning rate of AdamW for the student (1e-3: best of a sweep for the pruned
             6-layer default, see ``benchmarks/recipe_sweep.py``).
         weight_decay: AdamW weight decay (not applied to biases and norms).
@@ -67,6 +67,10 @@ class DistillModule(L.LightningModule):
             and there is no teacher).
         train_embeddings: train the student's token embeddings and output head (tied in SmolLM2). ``False``
             keeps the teacher's vocabulary geometry fixed and trains only the transformer layers.
+        eval_new_tokens: > 0: at each validation the student also continues each held-out block's first
+            ``eval_prompt_tokens`` greedily for this many tokens, and the live teacher scores them
+            (``val/teacher_logprob``, ``val/on_policy_rkl``: what on-policy training optimizes); 0: off.
+        eval_prompt_tokens: the prompt length of that metric.
     """
 
     #: CoDistill trains its teacher; the other methods keep it frozen.
@@ -77,6 +81,7 @@ class DistillModule(L.LightningModule):
         teacher: str | dict[str, Any] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         teacher_dtype: str | None = "auto",
+        teacher_sharding: str = "shard",
         learning_rate: float = 1e-3,
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
@@ -84,31 +89,35 @@ class DistillModule(L.LightningModule):
         chunk_size: int = 0,
         tokenizer: str | None = None,
         train_embeddings: bool = True,
+        eval_new_tokens: int = 0,
+        eval_prompt_tokens: int = 32,
     ) -> None:
         super().__init__()
         student = {"from_teacher": {"layers": 6}} if student is None else student
         if teacher is None and isinstance(student, dict) and "from_teacher" in student:
             raise ValueError("student={'from_teacher': ...} needs a teacher name; set teacher= or name a student model")
-        if learning_rate <= 0:
-            raise ValueError(f"learning_rate must be > 0, got {learning_rate}")
-        if weight_decay < 0:
-            raise ValueError(f"weight_decay must be >= 0, got {weight_decay}")
-        if warmup_steps < 0:
-            raise ValueError(f"warmup_steps must be >= 0, got {warmup_steps}")
-        if not 0 <= min_lr_ratio <= 1:
-            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio}")
-        if chunk_size < 0:
-            raise ValueError(f"chunk_size must be >= 0 (0 disables chunking), got {chunk_size}")
-        as_dtype(teacher_dtype)  # validates the name early
+        checks.number("learning_rate", learning_rate, "> 0", lambda v: v > 0, "1e-3")
+        checks.number("weight_decay", weight_decay, ">= 0", lambda v: v >= 0, "0.0")
+        checks.integer("warmup_steps", warmup_steps, ">= 0", lambda v: v >= 0, "10")
+        checks.number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1, "0.1")
+        checks.integer("chunk_size", chunk_size, ">= 0 (0 disables chunking)", lambda v: v >= 0, "0")
+        if eval_new_tokens < 0 or eval_prompt_tokens < 1:
+            raise ValueError(f"eval_new_tokens must be >= 0 and eval_prompt_tokens >= 1, got {eval_new_tokens} and "
+                             f"{eval_prompt_tokens}")
+        as_dtype(teacher_dtype, "teacher_dtype")  # validates the name early
+        if teacher_sharding not in sharding.TEACHER_SHARDING:
+            raise ValueError(f"teacher_sharding must be one of {sharding.TEACHER_SHARDING}, got {teacher_sharding!r}")
         self.teacher_name = teacher
         self.student_spec = student
         self.teacher_dtype = teacher_dtype
+        self.teacher_sharding = teacher_sharding
         self.learning_rate = learning_rate
         self.weight_decay = weight_decay
         self.warmup_steps = warmup_steps
         self.min_lr_ratio = min_lr_ratio
         self.chunk_size = chunk_size
         self.train_embeddings = train_embeddings
+        self.eval_new_tokens, self.eval_prompt_tokens = eval_new_tokens, eval_prompt_tokens
         self.tokenizer_name = tokenizer or (teacher if isinstance(teacher, str) else student)
         if not isinstance(self.tokenizer_name, str):
             raise ValueError("neither teacher nor student is a model name: set tokenizer= to a model name")
@@ -116,8 +125,13 @@ class DistillModule(L.LightningModule):
         self.signal: TeacherSignal = LiveTeacher()
         self.student: PreTrainedModel | None = None
         self.teacher: PreTrainedModel | None = None
-        # Loaded now (cheap) because the data module tokenizes before configure_model runs.
-        self.tokenizer: PreTrainedTokenizerBase = load_tokenizer(self.tokenizer_name)
+        # Loaded now (cheap) because the data module tokenizes before configure_model runs; a checkpoint being
+        # loaded brings its own (checkpoint.restoring), so loading one does not need the teacher's folder.
+        self._stored = saved.restored()
+        role = "tokenizer" if tokenizer else "teacher" if isinstance(teacher, str) else "student"
+        self.tokenizer: PreTrainedTokenizerBase = (saved.tokenizer_from(self._stored) if self._stored and not tokenizer
+                                                   else load_tokenizer(self.tokenizer_name, role))
+        self.teacher_missing: str | None = None  # why a checkpoint's live teacher could not be loaded
         self.val_metrics = ValidationMetrics()
         self.tokens = TokenWindow()
         self._step_start = 0.0
@@ -128,58 +142,46 @@ class DistillModule(L.LightningModule):
         return self.teacher_name is not None and self.signal.needs_teacher
 
     def configure_model(self) -> None:
-        """Build (once) the teacher and the student; idempotent, as Lightning asks. Without :meth:`needs_teacher`,
-        a named teacher is loaded only to build a ``from_teacher`` student, then dropped."""
-        if self.student is not None:
-            return
-        teacher = None
-        prunes_teacher = isinstance(self.student_spec, dict) and "from_teacher" in self.student_spec
-        if isinstance(self.teacher_name, dict):  # a fresh random teacher (CoDistill), sized to the tokenizer
-            spec = {"config": {"vocab_size": len(self.tokenizer), **self.teacher_name.get("config", {})}}
-            teacher = build_student(spec)
-        elif self.teacher_name is not None and (self.needs_teacher() or prunes_teacher):
-            teacher = load_model(self.teacher_name)  # fp32 first: a from_teacher student copies exact weights
-        self.student = build_student(self.student_spec, teacher)
-        if not self.train_embeddings:
-            self.student.get_input_embeddings().requires_grad_(False)
-            self.student.get_output_embeddings().requires_grad_(False)
-        if isinstance(self.student_spec, str) and teacher is not None:
-            check_tokenizers(self.tokenizer, load_tokenizer(self.student_spec), self.teacher_name,
-                             self.student_spec, teacher.config.vocab_size, self.student.config.vocab_size)
-        if teacher is not None and self.needs_teacher():
-            self.teacher = teacher.train() if self.trains_teacher else freeze(teacher.to(as_dtype(self.teacher_dtype)))
-            if not self.trains_teacher:  # DDP must neither broadcast nor all-reduce a frozen teacher
-                self._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in teacher.named_parameters()]
-                self._ddp_params_and_buffers_to_ignore += [f"teacher.{n}" for n, _ in teacher.named_buffers()]
+        """Build the models (:meth:`make_models`), then lay them out for FSDP when the Trainer's strategy shards
+        (:func:`lightning_distill.sharding.prepare`); idempotent, as Lightning asks."""
+        self.make_models()
+        sharding.prepare(self)
+
+    def make_models(self) -> None:
+        """Build (once) the teacher and the student (:func:`lightning_distill.modules.building.make_models`)."""
+        building.make_models(self)
+
+    def keep_models(self, student: PreTrainedModel, teacher: PreTrainedModel | None) -> None:
+        """Hold the student and the teacher this run keeps (:func:`~lightning_distill.modules.building.keep`)."""
+        building.keep(self, student, teacher)
 
     def setup(self, stage: str) -> None:
         """Let the signal source open and check what it reads (a label store is checked against the data here)."""
+        if self.teacher_missing:  # loaded from a checkpoint whose live teacher is gone
+            raise ValueError(self.teacher_missing)
         self.signal.setup(self, stage)
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the argument to change when a label store cannot feed this method."""
 
+    def compares_vocabularies(self) -> bool:
+        """Whether the method matches the student to the teacher id by id (then their vocabularies must agree)."""
+        return True
+
     @property
     def max_positions(self) -> int | None:
-        """Longest sequence the models take (the data module checks ``block_size`` against it); read from the
-        named models' configs, so it is known before the weights are loaded."""
-        limits = []
-        for spec in (self.teacher_name, self.student_spec):
-            if isinstance(spec, str):
-                config = AutoConfig.from_pretrained(resolve_model_path(spec))
-                limits.append(getattr(config, "max_position_embeddings", None))
-            elif isinstance(spec, dict) and "config" in spec:
-                limits.append(spec["config"].get("max_position_embeddings"))
-        limits = [x for x in limits if x]
-        return min(limits) if limits else None
+        """Longest sequence the models take (the data module checks ``block_size`` against it), known before the
+        weights are loaded (:func:`lightning_distill.modules.building.max_positions`)."""
+        return building.max_positions(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Student next-token logits (B, T, V), for inference."""
         return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
 
-    def student_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
+    def student_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None,
+                       position_ids: Tensor | None = None) -> Tensor:
         """Final hidden states of the student, before its output head: (B, T, H)."""
-        return self.student.get_decoder()(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        return sharding.final_hidden(self.student, input_ids, attention_mask=attention_mask, position_ids=position_ids)
 
     @torch.no_grad()
     def teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -192,7 +194,7 @@ class DistillModule(L.LightningModule):
     # ------------------------------------------------------------------------------------------------ loss
     def student_loss(self, input_ids: Tensor, targets: Tensor, teacher: Distribution | None = None, *,
                      divergence: str | Divergence = "forward_kl", ce_weight: float = 1.0, temperature: float = 1.0,
-                     attention_mask: Tensor | None = None) -> dict[str, Tensor]:
+                     attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> dict[str, Tensor]:
         """The one path from the student's hidden states and output head to the loss.
 
         Shifts for next-token prediction: position t predicts ``targets[t + 1]`` and is matched to ``teacher[t]``.
@@ -206,13 +208,14 @@ class DistillModule(L.LightningModule):
             divergence: a :class:`~lightning_distill.losses.Divergence` or its name.
             ce_weight: ``loss = (1 - ce_weight) * KD + ce_weight * CE(targets)``.
             temperature: softening temperature of the KD term.
-            attention_mask: (B, T) optional padding mask.
+            attention_mask: (B, T) optional padding mask (0 on left padding).
+            position_ids: (B, T) positions of left-padded sequences.
 
         Returns:
             ``{"loss", "kd", "ce"}`` scalars, each a mean over this micro-batch's valid target tokens, and
             ``"tokens"``: that count.
         """
-        hidden = self.student_hidden(input_ids, attention_mask)[:, :-1]  # (B, T-1, H)
+        hidden = self.student_hidden(input_ids, attention_mask, position_ids)[:, :-1]  # (B, T-1, H)
         labels = targets[:, 1:]  # (B, T-1)
         tokens = (labels != IGNORE_INDEX).sum()
         teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
@@ -248,8 +251,13 @@ class DistillModule(L.LightningModule):
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         elapsed = time.perf_counter() - self._step_start
-        tokens = batch["input_ids"].numel() * self.trainer.world_size
-        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), batch_size=batch["input_ids"].shape[0])
+        tokens, size = batch["input_ids"].numel() * self.trainer.world_size, batch["input_ids"].shape[0]
+        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), batch_size=size)
+        generated = getattr(self.signal, "seconds", 0.0)
+        if generated:  # an on-policy step: the student's sampling speed and its share of the step
+            self.log("train/generated_tokens_per_sec", self.signal.generated / max(generated, 1e-9), batch_size=size)
+            self.log("train/generation_share", generated / max(elapsed, 1e-9), batch_size=size)
+            self.signal.seconds = 0.0
 
     # ---------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -259,7 +267,11 @@ class DistillModule(L.LightningModule):
         student = self(batch["input_ids"])[:, :-1].float()  # (B, T-1, V)
         values = {"ce": losses.cross_entropy(student, labels)}
         values.update(self.signal.validation_metrics(self, batch, student, labels, dataloader_idx))
-        self.val_metrics.update("val" if dataloader_idx == 0 else "val_ood", values, (labels != IGNORE_INDEX).sum())
+        prefix = "val" if dataloader_idx == 0 else "val_ood"
+        self.val_metrics.update(prefix, values, (labels != IGNORE_INDEX).sum())
+        if self.eval_new_tokens > 0 and dataloader_idx == 0 and self.teacher is not None:
+            scores, tokens = greedy_scores(self, batch, self.eval_prompt_tokens, self.eval_new_tokens)
+            self.val_metrics.update(prefix, scores, tokens)
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()
@@ -292,27 +304,50 @@ class DistillModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A frozen teacher is reloaded from its name: keep it out of the checkpoint. Record the method so that
-        ``lightning-distill export`` knows which class to load."""
+        """A frozen teacher is reloaded from its name: keep it out of the checkpoint. Keep what makes the checkpoint
+        self-contained (:mod:`lightning_distill.checkpoint`: method, model configs, tokenizer, signal state,
+        random state, W&B run)."""
         checkpoint["lightning_distill_class"] = type(self).__name__
+        checkpoint[saved.KEY] = saved.payload(self)
         if not self.trains_teacher:
             state = checkpoint["state_dict"]
             for key in [k for k in state if k.startswith("teacher.")]:
                 del state[key]
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the freshly reloaded frozen teacher's weights back in so that strict loading succeeds."""
-        if not self.trains_teacher and self.teacher is not None:
+        """Put the freshly reloaded frozen teacher's weights back in so that strict loading succeeds; restore the
+        signal's state, and (resuming a fit) the random state."""
+        if not self.trains_teacher and self.teacher is not None and "state_dict" in checkpoint:  # FSDP took it
             state = checkpoint["state_dict"]
             for key, value in self.teacher.state_dict(prefix="teacher.").items():
                 state.setdefault(key, value)
+        stored = checkpoint.get(saved.KEY, {})
+        self.signal.load_state_dict(stored.get("signal", {}))
+        if "rng" in stored and self._trainer is not None:
+            saved.set_random_state(stored["rng"])
+
+    @classmethod
+    def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: str | None = None,
+                             strict: bool | None = None, **kwargs: Any) -> DistillModule:
+        """Lightning's ``load_from_checkpoint``, with the student and tokenizer taken from the checkpoint: the
+        teacher's folder is needed only by a method that asks a live teacher (``teacher=NEW_PATH`` points at it).
+        A missing file or one that is not a lightning_distill checkpoint is a ``ValueError`` that says so."""
+        with saved.restoring(saved.read(checkpoint_path, "checkpoint_path")):
+            return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
+                                                hparams_file=hparams_file, strict=strict, **kwargs)
 
     # ----------------------------------------------------------------------------------------------- export
     def export(self, path: str) -> str:
-        """Write the student and its tokenizer as a Hugging Face folder (``from_pretrained`` loads it)."""
+        """Write the student and its tokenizer as a Hugging Face folder (``from_pretrained`` loads it). Under FSDP
+        every rank must call it (the student is gathered) and rank 0 writes."""
+        if os.path.exists(path) and not os.path.isdir(path):
+            raise ValueError(f"the export folder {path!r} is a file: give a folder to write the student to (it is "
+                             "created if missing)")
         self.configure_model()
-        self.student.save_pretrained(path)
-        self.tokenizer.save_pretrained(path)
+        state = sharding.student_state_dict(self)  # None unless sharded
+        if sharding.is_rank_zero():
+            sharding.save_pretrained(self.student, path, state)
+            self.tokenizer.save_pretrained(path)
         return path
 
     def generate(self, prompts: list[str], model: str = "student", max_new_tokens: int = 32,
@@ -322,9 +357,10 @@ class DistillModule(L.LightningModule):
         if net is None:
             raise ValueError(f"model must be 'student' or 'teacher' (with a live teacher), got {model!r}")
         settings = generation.GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
-        texts = []
-        for prompt in prompts:
-            ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)  # (1, P)
-            new = generation.generate(net, ids, settings, self.tokenizer.eos_token_id)  # (1, N)
-            texts.append(self.tokenizer.decode(new[0], skip_special_tokens=True))
+        texts, synced = [], sharding.is_sharded(self)  # sharded: every rank takes every step
+        with sharding.gathered(self):
+            for prompt in prompts:
+                ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)  # (1, P)
+                new = generation.generate(net, ids, settings, self.tokenizer.eos_token_id, synced_gpus=synced)
+                texts.append(self.tokenizer.decode(new[0], skip_special_tokens=True))  # new: (1, N)
         return texts

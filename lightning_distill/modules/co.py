@@ -24,7 +24,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lightning_distill import losses
+from lightning_distill import checks, losses
 from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.losses import Divergence, divergence_from
 from lightning_distill.modules.base import DistillModule
@@ -79,21 +79,16 @@ class CoDistill(DistillModule):
         if teacher is None:
             raise ValueError("CoDistill trains its teacher: teacher must be a model name or {'config': {...}}")
         self.divergence = divergence_from(loss, beta=beta, alpha=alpha)
-        if temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature}")
-        if not 0 <= kd_weight <= 1:
-            raise ValueError(f"kd_weight must be in [0, 1], got {kd_weight}")
+        checks.number("temperature", temperature, "> 0", lambda v: v > 0, "1.0")
+        checks.number("kd_weight", kd_weight, "in [0, 1]", lambda v: 0 <= v <= 1, "0.5")
         if schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-        if ramp_steps < 1:
-            raise ValueError(f"ramp_steps must be >= 1, got {ramp_steps}")
-        if not 0 <= gate_ema < 1:
-            raise ValueError(f"gate_ema must be in [0, 1), got {gate_ema}")
-        if mutual_weight < 0:
-            raise ValueError(f"mutual_weight must be >= 0, got {mutual_weight}")
+        checks.integer("ramp_steps", ramp_steps, ">= 1", lambda v: v >= 1, "100")
+        checks.number("gate_threshold", gate_threshold, "> 0 (nats)", lambda v: v > 0, "4.0")
+        checks.number("gate_ema", gate_ema, "in [0, 1)", lambda v: 0 <= v < 1, "0.9")
+        checks.number("mutual_weight", mutual_weight, ">= 0 (0 disables mutual learning)", lambda v: v >= 0, "0.0")
         signal = TrainedTeacher(stale_every)
-        if teacher_learning_rate <= 0:
-            raise ValueError(f"teacher_learning_rate must be > 0, got {teacher_learning_rate}")
+        checks.number("teacher_learning_rate", teacher_learning_rate, "> 0", lambda v: v > 0, "5e-5")
         super().__init__(teacher=teacher, student=student, **kwargs)
         self.save_hyperparameters()
         self.signal = signal

@@ -19,7 +19,7 @@ from typing import Any
 
 from torch import Tensor
 
-from lightning_distill import generation
+from lightning_distill import checks, generation
 from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.modules.base import DistillModule
 from lightning_distill.signals import LiveTeacher, StoredLabels
@@ -67,10 +67,8 @@ class HardDistill(DistillModule):
     ) -> None:
         if mode not in MODES:
             raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
-        if not 0 <= ce_weight <= 1:
-            raise ValueError(f"ce_weight must be in [0, 1], got {ce_weight}")
-        if prompt_tokens < 1:
-            raise ValueError(f"prompt_tokens must be >= 1, got {prompt_tokens}")
+        checks.number("ce_weight", ce_weight, "in [0, 1]", lambda v: 0 <= v <= 1, "0.0")
+        checks.integer("prompt_tokens", prompt_tokens, ">= 1", lambda v: v >= 1, "32")
         self.generation = generation.GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
         signal = StoredLabels(labels) if labels is not None else LiveTeacher(generations_dir)
         super().__init__(teacher=teacher, student=student, **kwargs)
@@ -92,6 +90,25 @@ class HardDistill(DistillModule):
             if kind == "generate" and stored.get(name) != value:
                 raise ValueError(f"{name}={value} differs from the store's {stored.get(name)}: set "
                                  f"{name}={stored.get(name)}")
+
+    def setup(self, stage: str) -> None:
+        """Before any work: in ``generate`` mode the prompt must fit in a block (it is each block's first
+        ``prompt_tokens``) and prompt + continuation in the models' positions."""
+        if self.mode == "generate":
+            data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+            block = getattr(getattr(data, "hparams", None), "block_size", None)
+            if isinstance(block, int) and self.prompt_tokens > block:
+                raise ValueError(f"prompt_tokens={self.prompt_tokens} is longer than the data's block_size={block} "
+                                 f"(a prompt is a block's first prompt_tokens): use prompt_tokens <= {block}")
+            total, limit = self.prompt_tokens + self.generation.max_new_tokens, self.max_positions
+            if limit is not None and total > limit:
+                raise ValueError(f"prompt_tokens + max_new_tokens = {total} is more than the models' {limit} "
+                                 f"positions: use max_new_tokens <= {limit - self.prompt_tokens}")
+        super().setup(stage)
+
+    def compares_vocabularies(self) -> bool:
+        """``top1`` matches the teacher's picks id by id; ``generate`` trains on its continuations only."""
+        return self.mode == "top1"
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.mode == "top1":

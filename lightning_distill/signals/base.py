@@ -8,6 +8,7 @@ A source answers the questions it can and raises a ``ValueError`` naming the set
   the loss) or :class:`~lightning_distill.sparse.SparseTargets` (a few ids per position, from a store);
 - :meth:`TeacherSignal.picks`: the teacher's chosen next token at every position (B, T) (token-level hard KD);
 - :meth:`TeacherSignal.continuations`: the teacher's continuations (B, N) of prompts (sequence-level hard KD);
+- :meth:`TeacherSignal.token_logprobs`: the teacher's log-prob of each token of a sequence (B, T) (on-policy);
 - :meth:`TeacherSignal.validation_metrics`: ``kl`` / ``agreement`` / ``teacher_ce`` for the validation metrics.
 
 A new kind of signal is one file in this package: a subclass that answers some of these.
@@ -26,7 +27,12 @@ if TYPE_CHECKING:
     from lightning_distill.generation import GenerationSettings
     from lightning_distill.modules.base import DistillModule
 
-Batch = dict[str, Any]  # input_ids (B, T), labels (B, T), block_idx (B,)
+Batch = dict[str, Any]  # input_ids (B, T), labels (B, T), block_idx (B,); left-padded: attention_mask, position_ids
+
+
+def padding_of(batch: Batch) -> dict[str, Tensor]:
+    """The ``attention_mask`` and ``position_ids`` of a batch of left-padded sequences (empty when unpadded)."""
+    return {k: batch[k] for k in ("attention_mask", "position_ids") if batch.get(k) is not None}
 
 
 @dataclass(frozen=True)
@@ -79,6 +85,11 @@ class TeacherSignal:
         """The teacher's continuations (B, N) of each block's first ``prompt_tokens`` tokens."""
         raise ValueError(f"{type(self).__name__} holds no continuations: {self.cannot('continuations')}")
 
+    def token_logprobs(self, module: DistillModule, batch: Batch, split: str = "train") -> Tensor:
+        """The teacher's log-prob of each next token of ``batch["input_ids"]``: (B, T), position t scoring token
+        t + 1 (the last position is meaningless). All that the sampled-token on-policy loss needs."""
+        raise ValueError(f"{type(self).__name__} cannot score tokens: {self.cannot('token log-probs')}")
+
     def validation_metrics(self, module: DistillModule, batch: Batch, student_logits: Tensor, labels: Tensor,
                            dataloader_idx: int) -> dict[str, Tensor]:
         """Metrics of the student (logits (B, T-1, V), aligned with ``labels`` (B, T-1)) against the teacher,
@@ -88,3 +99,11 @@ class TeacherSignal:
     def cannot(self, question: str) -> str:
         """How to get an answer to ``question`` elsewhere (the end of the error message)."""
         return "use a live teacher (labels=None)"
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a resumed run needs of this source to go on exactly (kept in the module's checkpoint); most
+        sources hold nothing."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore :meth:`state_dict` (called when a checkpoint is loaded)."""

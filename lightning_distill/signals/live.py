@@ -14,8 +14,8 @@ from typing import TYPE_CHECKING
 import torch
 from torch import Tensor
 
-from lightning_distill import generation, metrics
-from lightning_distill.signals.base import Batch, TeacherHidden, TeacherSignal
+from lightning_distill import generation, metrics, sharding
+from lightning_distill.signals.base import Batch, TeacherHidden, TeacherSignal, padding_of
 
 if TYPE_CHECKING:
     from lightning_distill.modules.base import DistillModule
@@ -41,10 +41,11 @@ class LiveTeacher(TeacherSignal):
         return module.teacher.eval()
 
     @torch.no_grad()
-    def hidden(self, module: DistillModule, input_ids: Tensor) -> TeacherHidden:
-        """The teacher's final hidden states (B, T, H_t) and its output head."""
+    def hidden(self, module: DistillModule, input_ids: Tensor, **padding: Tensor | None) -> TeacherHidden:
+        """The teacher's final hidden states (B, T, H_t) and its output head (``padding``: the
+        ``attention_mask`` and ``position_ids`` of left-padded sequences)."""
         teacher = self.teacher(module)
-        hidden = teacher.get_decoder()(input_ids=input_ids).last_hidden_state  # (B, T, H_t)
+        hidden = sharding.final_hidden(teacher, input_ids, **padding)  # (B, T, H_t)
         return TeacherHidden(hidden, teacher.get_output_embeddings())
 
     @torch.no_grad()
@@ -53,7 +54,13 @@ class LiveTeacher(TeacherSignal):
         return self.teacher(module)(input_ids=input_ids).logits
 
     def distribution(self, module: DistillModule, batch: Batch, split: str = "train") -> TeacherHidden:
-        return self.hidden(module, batch["input_ids"])
+        return self.hidden(module, batch["input_ids"], **padding_of(batch))
+
+    @torch.no_grad()
+    def token_logprobs(self, module: DistillModule, batch: Batch, split: str = "train") -> Tensor:
+        logits = self.teacher(module)(input_ids=batch["input_ids"], **padding_of(batch)).logits  # (B, T, V)
+        following = batch["input_ids"].roll(-1, dims=1).unsqueeze(-1)  # (B, T, 1): the token at t + 1
+        return torch.log_softmax(logits.float(), -1).gather(-1, following).squeeze(-1)  # (B, T)
 
     def picks(self, module: DistillModule, batch: Batch, split: str = "train") -> Tensor:
         return self.logits(module, batch["input_ids"]).argmax(-1)  # (B, T): the teacher's next token at t

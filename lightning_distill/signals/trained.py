@@ -30,8 +30,9 @@ class TrainedTeacher(TeacherSignal):
         if isinstance(stale_every, bool) or not isinstance(stale_every, int) or stale_every < 0:
             raise ValueError(f"stale_every must be an integer >= 0 (0 = live teacher), got {stale_every!r}")
         self.stale_every = stale_every
-        self.stale: torch.nn.Module | None = None  # not a submodule: never optimized, synced or checkpointed
+        self.stale: torch.nn.Module | None = None  # not a submodule: never optimized or synced; see state_dict
         self._stale_step = -1
+        self._stale_state: dict[str, Tensor] | None = None  # restored from a checkpoint, built on first use
 
     def distribution(self, module: DistillModule, batch: Batch, split: str = "train",
                      live_logits: Tensor | None = None) -> Tensor:
@@ -43,11 +44,28 @@ class TrainedTeacher(TeacherSignal):
             with torch.no_grad():
                 return module.teacher(input_ids=batch["input_ids"]).logits
         step = module.global_step
+        if self.stale is None and self._stale_state is not None:  # the copy a checkpoint holds
+            self.stale = freeze(copy.deepcopy(module.teacher))
+            self.stale.load_state_dict(self._stale_state)
+            self._stale_state = None
         if self.stale is None or (step % self.stale_every == 0 and self._stale_step != step):
             self.stale = freeze(copy.deepcopy(module.teacher))
             self._stale_step = step
         with torch.no_grad():
             return self.stale(input_ids=batch["input_ids"]).logits
+
+    def state_dict(self) -> dict[str, object]:
+        """The stale copy and the step it was taken at, for the checkpoint (a resumed run distils from the same
+        copy, not from one rebuilt from the teacher of the resumed step); empty without a stale copy."""
+        if self.stale is None and self._stale_state is None:
+            return {}
+        weights = self.stale.state_dict() if self.stale is not None else self._stale_state
+        return {"step": self._stale_step, "weights": {k: v.detach().cpu() for k, v in weights.items()}}
+
+    def load_state_dict(self, state: dict[str, object]) -> None:
+        """Restore :meth:`state_dict`'s copy (built from the module's teacher when first needed)."""
+        if state:
+            self.stale, self._stale_step, self._stale_state = None, int(state["step"]), dict(state["weights"])
 
     def validation_metrics(self, module: DistillModule, batch: Batch, student_logits: Tensor, labels: Tensor,
                            dataloader_idx: int) -> dict[str, Tensor]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,10 @@ import numpy as np
 from torch import Tensor
 
 from lightning_distill.files import sha256
+from lightning_distill.store.chunks import locate, split_starts
 from lightning_distill.store.format import decode, read_manifest
+
+OPEN_SHARDS = 16  # memory maps kept open per split and process: what a store's reader holds stays flat with its size
 
 
 class LabelStore:
@@ -70,12 +74,13 @@ class LabelStore:
 
 class SplitLabels:
     """Random access to the labels of one split's blocks; shards are memory-mapped on first use in each process
-    (DataLoader workers open their own maps)."""
+    (DataLoader workers open their own maps), the ``OPEN_SHARDS`` most recently used kept open."""
 
     def __init__(self, path: Path, entry: dict[str, Any], manifest: dict[str, Any]) -> None:
         self.files = [path / shard["file"] for shard in entry["shards"]]
         self.blocks, self.shard_blocks, self.manifest = entry["blocks"], manifest["shard_blocks"], manifest
-        self._maps: dict[int, np.ndarray] = {}
+        self.starts = split_starts(entry, manifest["shard_blocks"])  # first block of each shard
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
 
     def __len__(self) -> int:
         return self.blocks
@@ -83,10 +88,13 @@ class SplitLabels:
     def __getitem__(self, block: int) -> dict[str, Tensor]:
         if not 0 <= block < self.blocks:
             raise IndexError(f"block {block} is outside the {self.blocks} stored blocks")
-        shard, row = divmod(block, self.shard_blocks)
+        shard, row = locate(self.starts, block)
         if shard not in self._maps:
             self._maps[shard] = np.load(self.files[shard], mmap_mode="r")
+            if len(self._maps) > OPEN_SHARDS:
+                self._maps.popitem(last=False)  # unmapped once no record of it is referenced
+        self._maps.move_to_end(shard)
         return decode(self._maps[shard][row], self.manifest)
 
     def __getstate__(self) -> dict[str, Any]:
-        return {**self.__dict__, "_maps": {}}  # maps are per process, not pickled into workers
+        return {**self.__dict__, "_maps": OrderedDict()}  # maps are per process, not pickled into workers

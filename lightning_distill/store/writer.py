@@ -16,6 +16,7 @@ from transformers import AutoConfig
 
 from lightning_distill.backbone import resolve_model_path, tokenizer_fingerprint
 from lightning_distill.files import atomic_write, sha256
+from lightning_distill.store.chunks import locate, shard_ranges, shard_starts, split_starts
 from lightning_distill.store.format import (
     FORMAT,
     KINDS,
@@ -42,14 +43,40 @@ class StoreWriter:
     def __init__(self, path: str | Path, header: dict[str, Any], overwrite: bool = False) -> None:
         self.path, self.header, self.overwrite = Path(path), {"format": FORMAT, **header}, overwrite
 
+    def differences(self) -> list[str] | None:
+        """Header keys whose values differ from the existing manifest's (shard lists aside); ``None`` when there
+        is no manifest yet."""
+        if not (self.path / MANIFEST).exists():
+            return None
+        old = json.loads((self.path / MANIFEST).read_text())
+
+        def plain(key: str, value: Any) -> Any:
+            if key != "splits" or not isinstance(value, dict):
+                return value
+            return {s: {k: v for k, v in e.items() if k != "shards"} for s, e in value.items()}
+
+        return [key for key in self.header if key != "created" and plain(key, old.get(key)) != plain(key,
+                                                                                                 self.header[key])]
+
+    def complete(self) -> bool:
+        """Whether the store is already complete with these settings: rerunning the same labelling is a no-op
+        (unless ``overwrite``)."""
+        differ = self.differences()
+        if self.overwrite or differ is None or differ:
+            return False
+        return bool(json.loads((self.path / MANIFEST).read_text()).get("complete"))
+
     def prepare(self) -> None:
         """Create the folder and an unfinished manifest, or check the existing one (one process does this)."""
         if (self.path / MANIFEST).exists():
             old = json.loads((self.path / MANIFEST).read_text())
-            differ = [key for key in self.header if key != "created" and old.get(key) != self.header[key]]
+            differ = self.differences() or []
             if old.get("complete") and not self.overwrite:
-                raise FileExistsError(f"label store {str(self.path)!r} is complete; it is never rewritten silently: "
-                                      "write to another path, delete it, or pass overwrite=True")
+                if not differ:
+                    return  # the same labelling, already done
+                raise FileExistsError(f"label store {str(self.path)!r} is complete with other settings "
+                                      f"({', '.join(differ)} differ); it is never rewritten silently: write to "
+                                      "another path, delete it, or pass overwrite=True")
             if differ and not self.overwrite:
                 raise ValueError(f"label store {str(self.path)!r} holds an unfinished labelling with other "
                                  f"settings ({', '.join(differ)} differ): use another path or overwrite=True")
@@ -90,14 +117,13 @@ class StoreWriter:
         shard_blocks = self.header["shard_blocks"]
         for split, entry in self.header["splits"].items():
             shards = []
-            for shard in range(-(-entry["blocks"] // shard_blocks)):
+            for shard, (start, stop) in enumerate(shard_ranges(split_starts(entry, shard_blocks), entry["blocks"])):
                 name = self.shard_name(split, shard)
                 checksum = self.path / f"{name}.sha256"
                 if not checksum.exists():
                     missing.append(name)
                     continue
-                blocks = min(shard_blocks, entry["blocks"] - shard * shard_blocks)
-                shards.append({"file": name, "blocks": blocks, "sha256": checksum.read_text().strip()})
+                shards.append({"file": name, "blocks": stop - start, "sha256": checksum.read_text().strip()})
             splits[split] = {**entry, "shards": shards}
         if not missing:
             manifest = {**self.header, "splits": splits, "complete": True}
@@ -131,7 +157,8 @@ class LabelWriter(L.Callback):
         value_dtype: ``"float16"``, ``"bfloat16"`` or ``"float32"``: dtype of stored log-probs and entropies.
         splits: splits to label, among ``"train"`` and ``"validation"`` (stored validation labels give
             ``val/kl`` and ``val/agreement`` when training from the store).
-        shard_blocks: blocks per shard, >= 1: the unit of writing, of resuming and of the work split over ranks.
+        shard_blocks: blocks per shard, >= 1: the unit of writing, of resuming and of the work split over ranks
+            (a prepared corpus' shards also end where its chunks do: :mod:`lightning_distill.store.chunks`).
         seed: seeds the draws of ``sampled`` (per batch: reproducible for the same batch layout).
         overwrite: replace a complete store, or an unfinished one with other settings.
     """
@@ -158,6 +185,7 @@ class LabelWriter(L.Callback):
         self.temperature, self.value_dtype, self.splits = float(temperature), value_dtype, splits
         self.shard_blocks, self.seed, self.overwrite = shard_blocks, seed, overwrite
         self.writer: StoreWriter | None = None
+        self.already_complete = False  # set up on a store that this labelling already completed
         self._buffers: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = {}
 
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -178,6 +206,10 @@ class LabelWriter(L.Callback):
         if self.kind == "topk" and self.k > vocab:
             raise ValueError(f"k must be at most the vocabulary size {vocab}, got {self.k}")
         self.blocks = {"train": len(data.train_blocks), "validation": len(data.val_blocks)}
+        # a prepared corpus: shards also start at every corpus chunk (lightning_distill.store.chunks)
+        chunks = {s: data.chunk_starts(s) if hasattr(data, "chunk_starts") else None for s in self.splits}
+        self.starts = {s: shard_starts(self.blocks[s], self.shard_blocks, chunks[s]) for s in self.splits}
+        self.ranges = {s: shard_ranges(self.starts[s], self.blocks[s]) for s in self.splits}  # [start, stop) each
         self.block_size = data.hparams.block_size
         new_tokens = settings.get("generation", {}).get("max_new_tokens", 0)
         self.dtype = record_dtype(self.kind, data.hparams.block_size, vocab, k=self.k,
@@ -191,21 +223,29 @@ class LabelWriter(L.Callback):
             "num_samples": self.num_samples if self.kind == "sampled" else None,
             "value_dtype": self.value_dtype, "seed": self.seed, "shard_blocks": self.shard_blocks,
             "record": [[n, self.dtype[n].base.str, list(self.dtype[n].shape)] for n in self.dtype.names],
-            "bytes_per_block": self.dtype.itemsize, "splits": {s: {"blocks": self.blocks[s]} for s in self.splits},
+            "bytes_per_block": self.dtype.itemsize,
+            "splits": {s: {"blocks": self.blocks[s], **({} if chunks[s] is None else {"starts": self.starts[s]})}
+                       for s in self.splits},
         }
         self.writer = StoreWriter(self.path, header, self.overwrite)
+        self._buffers = {}
+        trainer.predict_loop.return_predictions = False  # the logits of a whole corpus would not fit in memory
+        self.already_complete = self.writer.complete()
+        if self.already_complete:  # a rerun of a finished labelling: nothing to do, and it says so
+            data.plan_predict({s: [] for s in self.splits})
+            rank_zero_info(f"LabelWriter: {self.path} is already complete with these settings; nothing to do "
+                           "(overwrite=True relabels it)")
+            return
         if trainer.is_global_zero:
             self.writer.prepare()
         trainer.strategy.barrier("LabelWriter.prepare")
-        done, size = self.writer.finished(), self.shard_blocks
-        todo = [(s, i) for s in self.splits for i in range(-(-self.blocks[s] // size)) if (s, i) not in done]
+        done = self.writer.finished()
+        todo = [(s, i) for s in self.splits for i in range(len(self.ranges[s])) if (s, i) not in done]
         mine = todo[trainer.global_rank :: trainer.world_size]
-        data.plan_predict({s: [b for split, i in mine if split == s
-                               for b in range(i * size, min((i + 1) * size, self.blocks[s]))] for s in self.splits})
+        data.plan_predict({s: [b for split, i in mine if split == s for b in range(*self.ranges[s][i])]
+                           for s in self.splits})
         rank_zero_info(f"LabelWriter: {len(todo)} shard(s) of {self.kind!r} labels to write into {self.path} "
                        f"({len(done)} already written)")
-        self._buffers = {}
-        trainer.predict_loop.return_predictions = False  # the logits of a whole corpus would not fit in memory
 
     def on_predict_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, prediction: Any, batch: Any,
                              batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -222,9 +262,10 @@ class LabelWriter(L.Callback):
                                    temperature=self.temperature, generator=generator)
         records = to_records(fields, self.dtype, self.value_dtype)  # (B,)
         for row, block in enumerate(prediction["block_idx"].tolist()):
-            shard, offset = divmod(block, self.shard_blocks)
+            shard, offset = locate(self.starts[split], block)
             if (split, shard) not in self._buffers:
-                rows = min(self.shard_blocks, self.blocks[split] - shard * self.shard_blocks)
+                start, stop = self.ranges[split][shard]
+                rows = stop - start
                 self._buffers[split, shard] = (np.empty(rows, self.dtype), np.zeros(rows, dtype=bool))
             buffer, filled = self._buffers[split, shard]
             buffer[offset], filled[offset] = records[row], True
@@ -235,7 +276,7 @@ class LabelWriter(L.Callback):
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Once every rank is done, rank zero writes the complete manifest (or says what is missing)."""
         trainer.strategy.barrier("LabelWriter.finish")
-        if not trainer.is_global_zero or self.writer is None:
+        if not trainer.is_global_zero or self.writer is None or self.already_complete:
             return
         missing = self.writer.finish()
         if missing:

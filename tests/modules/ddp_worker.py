@@ -1,5 +1,5 @@
-"""Run by tests/modules/test_ddp.py as `python ddp_worker.py TEACHER_DIR OUT_JSON`: a 2-process DDP fit of
-SoftDistill on CPU (gloo). Lightning's DDP launcher re-runs this script once per extra rank."""
+"""Run by tests/modules/test_ddp.py as `python ddp_worker.py TEACHER_DIR OUT_JSON [SOFTDISTILL_KWARGS_JSON]`: a
+2-process DDP fit of SoftDistill on CPU (gloo). Lightning's DDP launcher re-runs this script once per extra rank."""
 
 import json
 import sys
@@ -28,8 +28,9 @@ class Inspect(L.Callback):
 
 def main() -> None:
     teacher_dir, out = sys.argv[1], sys.argv[2]
+    kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     torch.manual_seed(0)
-    model = SoftDistill(teacher=teacher_dir, student=TINY_STUDENT, ce_weight=0.5)
+    model = SoftDistill(teacher=teacher_dir, student=TINY_STUDENT, **{"ce_weight": 0.5, **kwargs})
     inspect = Inspect()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
 from lightning_distill import HardDistill, generation, sparse
-from lightning_distill.modules import base
+from lightning_distill.modules import building
 
 
 def test_top1_trains_on_teacher_picks(tiny_teacher_dir, tmp_path):
@@ -109,7 +109,7 @@ def test_generate_store_trains_without_the_teacher(tiny_teacher_dir, tmp_path, m
     for live, stored in zip(writer.teacher_sequences(batch), reader.teacher_sequences(batch), strict=True):
         assert torch.equal(live, stored)
 
-    monkeypatch.setattr(base, "load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
+    monkeypatch.setattr(building, "load_model", lambda *a, **k: pytest.fail("loaded the teacher"))
     model = HardDistill(teacher=None, labels=store, **{**kwargs, "student": tiny_teacher_dir})
     trainer = tiny_trainer(tmp_path, max_steps=2)
     trainer.fit(model, small_data())

@@ -7,7 +7,7 @@ import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
 from lightning_distill import SoftDistill, losses, sparse
-from lightning_distill.modules import base
+from lightning_distill.modules import building
 
 
 @pytest.mark.parametrize("loss", sorted(losses.DIVERGENCES))
@@ -85,7 +85,7 @@ def stores(tiny_teacher_dir, tmp_path_factory):
 
 def test_trains_from_a_store_without_loading_the_teacher(tiny_teacher_dir, stores, tmp_path, monkeypatch):
     loaded = []
-    monkeypatch.setattr(base, "load_model", lambda *args, **kwargs: loaded.append(args))  # a teacher load fails
+    monkeypatch.setattr(building, "load_model", lambda *args, **kwargs: loaded.append(args))  # a teacher load fails
     model = SoftDistill(teacher=None, student=tiny_teacher_dir, labels=stores["topk"], ce_weight=0.0)
     assert not model.needs_teacher()
     trainer = tiny_trainer(tmp_path, max_steps=2, val_check_interval=2)

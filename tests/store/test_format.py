@@ -246,8 +246,10 @@ def test_writer_resumes_then_completes_and_never_rewrites_silently(tmp_path):
     assert [int(split[b]["argmax"][0]) for b in range(5)] == [0, 1, 2, 3, 4]
     assert LabelStore(path).split("validation") is None
 
-    with pytest.raises(FileExistsError, match="never rewritten silently"):
-        StoreWriter(path, header()).prepare()
+    assert StoreWriter(path, header()).complete()  # the same labelling again: nothing to do
+    StoreWriter(path, header()).prepare()  # a no-op
+    with pytest.raises(FileExistsError, match=r"temperature differ.*never rewritten silently"):
+        StoreWriter(path, header(temperature=2.0)).prepare()
     (path / "mine.txt").write_text("not the store's")
     StoreWriter(path, header(), overwrite=True).prepare()
     assert sorted(p.name for p in path.iterdir()) == ["manifest.json", "mine.txt"]

@@ -69,8 +69,12 @@ def test_label_writer_resumes_and_never_rewrites_silently(soft_teacher, tmp_path
     assert manifest(path)["complete"]
     for shard in sorted(once.glob("train-*.npy")):
         assert (path / shard.name).read_bytes() == shard.read_bytes()  # same store as in one go
-    with pytest.raises(FileExistsError, match="never rewritten silently"):
-        write_labels(soft_teacher, path, kind="top1", splits=["train"])
+    calls.clear()
+    before = (path / "manifest.json").read_bytes()
+    write_labels(soft_teacher, path, kind="top1", splits=["train"])  # the same labelling again: a no-op
+    assert not calls and (path / "manifest.json").read_bytes() == before
+    with pytest.raises(FileExistsError, match=r"seed differ.*never rewritten silently"):
+        write_labels(soft_teacher, path, kind="top1", splits=["train"], seed=1)
     write_labels(soft_teacher, path, kind="top1", splits=["train"], overwrite=True)
     assert manifest(path)["complete"]
 

@@ -1,0 +1,86 @@
+"""Building a method's models: the student from its spec, the teacher this run keeps, and their hygiene.
+
+A frozen teacher is in ``eval()``, has ``requires_grad=False``, is cast to ``teacher_dtype`` and hidden from DDP's
+broadcast and gradient buckets; a trained teacher (CoDistill) is none of these. A named teacher that the signal
+does not need (stored labels) is loaded only to build a ``from_teacher`` student, then dropped. A checkpoint being
+loaded builds both from the configs it holds (:mod:`lightning_distill.checkpoint`).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from transformers import PreTrainedModel
+
+from lightning_distill import checkpoint as saved
+from lightning_distill.backbone import (
+    as_dtype,
+    build_student,
+    check_tokenizers,
+    check_vocabulary,
+    freeze,
+    load_config,
+    load_model,
+    load_tokenizer,
+)
+from lightning_distill.signals import StoredLabels
+
+if TYPE_CHECKING:
+    from lightning_distill.modules.base import DistillModule
+
+
+def make_models(module: DistillModule) -> None:
+    """Build (once) the teacher and the student of ``module``, and check that their vocabularies agree where the
+    method compares them id by id."""
+    if module.student is not None:
+        return
+    if module._stored is not None:
+        return saved.build_models(module)
+    teacher = None
+    prunes_teacher = isinstance(module.student_spec, dict) and "from_teacher" in module.student_spec
+    if isinstance(module.teacher_name, dict):  # a fresh random teacher (CoDistill), sized to the tokenizer
+        spec = {"config": {"vocab_size": len(module.tokenizer), **module.teacher_name.get("config", {})}}
+        teacher = build_student(spec)
+    elif module.teacher_name is not None and (module.needs_teacher() or prunes_teacher):
+        teacher = load_model(module.teacher_name, role="teacher")  # fp32: from_teacher students copy exact weights
+    keep(module, build_student(module.student_spec, teacher), teacher if module.needs_teacher() else None)
+    if isinstance(module.student_spec, str) and teacher is not None:
+        check_tokenizers(module.tokenizer, load_tokenizer(module.student_spec, "student"), module.teacher_name,
+                         module.student_spec, teacher.config.vocab_size, module.student.config.vocab_size)
+    vocab = teacher.config.vocab_size if teacher is not None else None
+    if isinstance(module.signal, StoredLabels):  # the teacher that wrote the store
+        vocab = module.signal.manifest.get("vocab_size")
+    check_vocabulary(module.student, module.tokenizer, vocab if module.compares_vocabularies() else None,
+                     module.student_spec, module.teacher_name)
+
+
+def keep(module: DistillModule, student: PreTrainedModel, teacher: PreTrainedModel | None) -> None:
+    """Hold the student (embeddings frozen unless ``train_embeddings``) and the teacher this run keeps: trained
+    (CoDistill), or frozen in ``teacher_dtype`` and hidden from DDP."""
+    module.student = student
+    if not module.train_embeddings:
+        student.get_input_embeddings().requires_grad_(False)
+        student.get_output_embeddings().requires_grad_(False)
+    if teacher is None:
+        return
+    module.teacher = teacher.train() if module.trains_teacher else freeze(teacher.to(as_dtype(module.teacher_dtype)))
+    if not module.trains_teacher:  # DDP must neither broadcast nor all-reduce a frozen teacher
+        module._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in teacher.named_parameters()]
+        module._ddp_params_and_buffers_to_ignore += [f"teacher.{n}" for n, _ in teacher.named_buffers()]
+
+
+def max_positions(module: DistillModule) -> int | None:
+    """The longest sequence ``module``'s models take, read from the named models' configs (or a checkpoint's), so
+    that it is known before the weights are loaded; ``None`` when no config says."""
+    if module._stored is not None:  # a checkpoint being loaded: its configs (a frozen teacher is not in it)
+        stored = [module._stored.get(key) or {} for key in ("student_config", "teacher_config")]
+        limits = [config.get("max_position_embeddings") for config in stored]
+        return min([x for x in limits if x], default=None)
+    limits = []
+    for role, spec in (("teacher", module.teacher_name), ("student", module.student_spec)):
+        if isinstance(spec, str):
+            limits.append(getattr(load_config(spec, role), "max_position_embeddings", None))
+        elif isinstance(spec, dict) and "config" in spec:
+            limits.append(spec["config"].get("max_position_embeddings"))
+    limits = [x for x in limits if x]
+    return min(limits) if limits else None

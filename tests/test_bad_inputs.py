@@ -1,0 +1,246 @@
+"""Bad input is never accepted silently and never answered by a raw dependency error: each row below must raise a
+``ValueError`` (a file in the way: ``FileExistsError``) whose message names the argument and the value, before any
+training step; and the CLI shows such a message without a traceback. Rerunning a finished labelling is a no-op."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_STUDENT, tiny_data, tiny_trainer, write_labels
+
+from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
+from lightning_distill.callbacks import ExportStudent, OfflineFirstWandbLogger, SampleTable
+from lightning_distill.cli import export, load_checkpoint, main
+from lightning_distill.data.sampler import ResumableSampler
+from lightning_distill.store import LabelWriter, read_manifest
+
+ROOT = Path(__file__).parents[1]
+
+
+@dataclass
+class Ctx:
+    teacher: str
+    tmp: Path
+
+    def file(self, name: str, data: bytes | str = "some text") -> str:
+        path = self.tmp / name
+        path.write_bytes(data if isinstance(data, bytes) else data.encode())
+        return str(path)
+
+    def folder(self, name: str) -> str:
+        (self.tmp / name).mkdir(exist_ok=True)
+        return str(self.tmp / name)
+
+
+def fit(model, data=None, **trainer_kwargs):
+    """Start a fit on CPU (a bad input must stop it in setup, before the first step)."""
+    tiny_trainer(Path(os.getcwd()), max_steps=1, **trainer_kwargs).fit(model, data or tiny_data())
+
+
+def built(model):
+    model.configure_model()
+    return model
+
+
+def small_student(vocab_size: int) -> dict:
+    return {"config": {"vocab_size": vocab_size, "hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1,
+                       "num_attention_heads": 2}}
+
+
+def soft(ctx: Ctx, **kwargs) -> SoftDistill:
+    return SoftDistill(**{"teacher": ctx.teacher, "student": TINY_STUDENT, **kwargs})
+
+
+def generating(ctx: Ctx, **kwargs) -> HardDistill:
+    return HardDistill(teacher=ctx.teacher, student=TINY_STUDENT, mode="generate", **kwargs)
+
+
+# (id, what is done with the bad input, the error's message: it names the argument and the value)
+BAD_INPUTS = [
+    # --- the methods' arguments
+    ("learning_rate as a string", lambda c: soft(c, learning_rate="1e-3"),
+     r"learning_rate must be a number > 0, got the string '1e-3': write it without quotes"),
+    ("learning_rate zero", lambda c: soft(c, learning_rate=0), r"learning_rate must be a number > 0, got 0"),
+    ("weight_decay negative", lambda c: soft(c, weight_decay=-0.1), r"weight_decay must be a number >= 0, got -0.1"),
+    ("warmup_steps fractional", lambda c: soft(c, warmup_steps=2.5), r"warmup_steps must be an integer >= 0, got 2.5"),
+    ("min_lr_ratio above 1", lambda c: soft(c, min_lr_ratio=1.5),
+     r"min_lr_ratio must be a number in \[0, 1\], got 1.5"),
+    ("chunk_size negative", lambda c: soft(c, chunk_size=-1), r"chunk_size must be an integer >= 0"),
+    ("teacher_dtype unknown", lambda c: soft(c, teacher_dtype="float33"),
+     r"teacher_dtype must be 'auto' or a torch dtype name.*'float33'"),
+    ("temperature zero", lambda c: soft(c, temperature=0), r"temperature must be a number > 0, got 0"),
+    ("temperature as a string", lambda c: soft(c, temperature="2"),
+     r"temperature must be a number > 0, got the string '2'"),
+    ("ce_weight above 1", lambda c: soft(c, ce_weight=1.5), r"ce_weight must be a number in \[0, 1\].*1.5"),
+    ("loss unknown", lambda c: soft(c, loss="kl_div"), r"`loss` must be a Divergence or one of .*got 'kl_div'"),
+    ("beta out of range", lambda c: soft(c, loss="generalized_jsd", beta=2), r"`beta` must be in \[0, 1\], got 2"),
+    ("tail renorm with reverse KL", lambda c: soft(c, loss="reverse_kl", tail="renorm"),
+     r"tail='renorm'.*use tail='bucket' with loss='reverse_kl'"),
+    ("tail unknown", lambda c: soft(c, tail="drop"), r"tail must be 'bucket' or 'renorm', got 'drop'"),
+    ("hard mode unknown", lambda c: HardDistill(teacher=c.teacher, mode="beam"),
+     r"mode must be one of \('top1', 'generate'\), got 'beam'"),
+    ("hard prompt_tokens zero", lambda c: HardDistill(teacher=c.teacher, prompt_tokens=0),
+     r"prompt_tokens must be an integer >= 1, got 0"),
+    ("hard prompt_tokens as a string", lambda c: HardDistill(teacher=c.teacher, prompt_tokens="8"),
+     r"prompt_tokens must be an integer >= 1, got '8': write it without quotes"),
+    ("hard max_new_tokens zero", lambda c: HardDistill(teacher=c.teacher, mode="generate", max_new_tokens=0),
+     r"max_new_tokens must be an integer >= 1, got 0"),
+    ("hard sampling temperature zero", lambda c: HardDistill(teacher=c.teacher, do_sample=True, temperature=0),
+     r"temperature must be > 0, got 0"),
+    ("hard top_p zero", lambda c: HardDistill(teacher=c.teacher, do_sample=True, top_p=0),
+     r"top_p must be in \(0, 1\], got 0"),
+    ("co without a teacher", lambda c: CoDistill(teacher=None),
+     r"CoDistill trains its teacher: teacher must be a model name"),
+    ("co kd_weight above 1", lambda c: CoDistill(teacher=c.teacher, kd_weight=2),
+     r"kd_weight must be a number in \[0, 1\], got 2"),
+    ("co schedule unknown", lambda c: CoDistill(teacher=c.teacher, schedule="cosine"),
+     r"schedule must be one of .*got 'cosine'"),
+    ("co ramp_steps zero", lambda c: CoDistill(teacher=c.teacher, ramp_steps=0),
+     r"ramp_steps must be an integer >= 1, got 0"),
+    ("co gate_ema 1", lambda c: CoDistill(teacher=c.teacher, gate_ema=1.0),
+     r"gate_ema must be a number in \[0, 1\), got 1.0"),
+    ("co gate_threshold as a string", lambda c: CoDistill(teacher=c.teacher, gate_threshold="4"),
+     r"gate_threshold must be a number > 0 \(nats\), got the string '4'"),
+    ("co mutual_weight negative", lambda c: CoDistill(teacher=c.teacher, mutual_weight=-1),
+     r"mutual_weight must be a number >= 0"),
+    ("co stale_every negative", lambda c: CoDistill(teacher=c.teacher, stale_every=-1),
+     r"stale_every must be an integer >= 0"),
+    ("co teacher_learning_rate as a string", lambda c: CoDistill(teacher=c.teacher, teacher_learning_rate="5e-5"),
+     r"teacher_learning_rate must be a number > 0, got the string '5e-5'"),
+    # --- models: teachers and students that are not there or do not fit
+    ("teacher folder missing", lambda c: soft(c, teacher="/no/such/teacher"),
+     r"teacher='/no/such/teacher': no such folder \(/no/such/teacher\)"),
+    ("teacher relative folder missing", lambda c: soft(c, teacher="./gone/teacher"),
+     r"teacher='./gone/teacher': no such folder"),
+    ("teacher under an existing local folder", lambda c: c.folder("models") and soft(c, teacher="models/teacher"),
+     r"teacher='models/teacher': no such folder"),
+    ("teacher is a file", lambda c: soft(c, teacher=c.file("teacher.bin")),
+     r"teacher='.*teacher.bin' is a file, not a model folder"),
+    ("teacher folder is empty", lambda c: soft(c, teacher=c.folder("empty")),
+     r"teacher='.*empty' is a folder without config.json"),
+    ("teacher builtin unknown", lambda c: soft(c, teacher="builtin:gpt-5"),
+     r"teacher='builtin:gpt-5' is an unknown builtin model"),
+    ("teacher empty name", lambda c: soft(c, teacher=""), r"teacher must be a model name .*got ''"),
+    ("student spec unknown", lambda c: built(soft(c, student={"bogus": 1})),
+     r"student must be a model name, \{'from_teacher'.*got \{'bogus': 1\}"),
+    ("student keeps more layers than the teacher has",
+     lambda c: built(soft(c, student={"from_teacher": {"layers": 99}})),
+     r"layers must be between 1 and the teacher's 4 layers, got 99"),
+    ("student folder missing", lambda c: built(soft(c, student="/no/such/student")),
+     r"student='/no/such/student': no such folder"),
+    ("student vocabulary differs (soft)", lambda c: built(soft(c, student=small_student(500))),
+     r"student=.* predicts 500 token ids, teacher=.* 384: distillation compares them id by id"),
+    ("student vocabulary differs (hard top1)",
+     lambda c: built(HardDistill(teacher=c.teacher, mode="top1", student=small_student(500))),
+     r"predicts 500 token ids.*HardDistill\(mode='generate'\)"),
+    ("student vocabulary smaller than the tokenizer (hard generate)",
+     lambda c: built(HardDistill(teacher=c.teacher, mode="generate", student=small_student(100))),
+     r"student=.* has 100 token ids, fewer than the tokenizer's 384"),
+    ("hard prompt longer than the block",
+     lambda c: fit(generating(c, prompt_tokens=40, max_new_tokens=4)),
+     r"prompt_tokens=40 is longer than the data's block_size=32"),
+    ("hard prompt + new tokens past the positions",
+     lambda c: fit(generating(c, prompt_tokens=8, max_new_tokens=600)),
+     r"prompt_tokens \+ max_new_tokens = 608 is more than the models' 512 positions: use max_new_tokens <= 504"),
+    ("labels folder missing", lambda c: fit(soft(c, labels="/no/such/store")),
+     r"labels='/no/such/store' is not a label store \(no manifest.json\)"),
+    ("labels manifest truncated",
+     lambda c: read_manifest(Path(c.file("manifest.json", '{"kind": "topk", "spl')).parent),
+     r"labels='.*': manifest.json is not valid JSON .*label the corpus again"),
+    # --- data
+    ("corpus file missing", lambda c: DistillDataModule(corpus="/no/such/corpus.txt"),
+     r"corpus entry '/no/such/corpus.txt' does not exist"),
+    ("corpus builtin unknown", lambda c: DistillDataModule(corpus="builtin:wikipedia"),
+     r"unknown builtin corpus 'builtin:wikipedia'"),
+    ("corpus glob matches nothing", lambda c: DistillDataModule(corpus=str(c.tmp / "*.nothing")),
+     r"corpus glob .* matches no file"),
+    ("corpus is a binary file",
+     lambda c: fit(soft(c), DistillDataModule(corpus=c.file("model.bin", bytes(range(256)) * 64))),
+     r"corpus file '.*model.bin' is not UTF-8 text .*NUL bytes"),
+    ("corpus is an empty file", lambda c: fit(soft(c), DistillDataModule(corpus=c.file("empty.txt", "  \n"))),
+     r"holds no text"),
+    ("corpus JSONL line is not JSON",
+     lambda c: fit(soft(c), DistillDataModule(corpus=c.file("bad.jsonl", '{"text": "a"}\n{oops\n'))),
+     r"bad.jsonl, line 2: not valid JSON"),
+    ("block_size 1", lambda c: DistillDataModule(block_size=1), r"block_size must be an integer >= 2, got 1"),
+    ("batch_size zero", lambda c: DistillDataModule(batch_size=0), r"batch_size must be an integer >= 1, got 0"),
+    ("val_fraction 1", lambda c: DistillDataModule(val_fraction=1.0),
+     r"val_fraction must be a number strictly between 0 and 1"),
+    ("seed as a string", lambda c: DistillDataModule(seed="0"), r"seed must be an integer, got '0'"),
+    ("max_documents 1", lambda c: DistillDataModule(max_documents=1), r"max_documents must be an integer >= 2"),
+    ("text_field empty", lambda c: DistillDataModule(text_field=""), r"text_field must be a non-empty field name"),
+    ("block_size past the model's positions", lambda c: fit(soft(c), tiny_data(block_size=1024)),
+     r"block_size=1024 is larger than the model's maximum of 512 positions"),
+    ("sampler start negative", lambda c: ResumableSampler(range(4), start=-1), r"start must be >= 0, got -1"),
+    # --- checkpoints and export
+    ("export checkpoint missing", lambda c: export(["--ckpt", str(c.tmp / "none.ckpt"), "--out", str(c.tmp / "o")]),
+     r"--ckpt='.*none.ckpt' does not exist"),
+    ("export checkpoint is a folder", lambda c: export(["--ckpt", c.folder("ckpts"), "--out", str(c.tmp / "o")]),
+     r"--ckpt='.*ckpts' is a folder"),
+    ("export checkpoint is not a checkpoint",
+     lambda c: export(["--ckpt", c.file("notes.ckpt", "hello"), "--out", str(c.tmp / "o")]),
+     r"--ckpt='.*notes.ckpt' is not a PyTorch checkpoint"),
+    ("export checkpoint of something else",
+     lambda c: torch.save({"state_dict": {}}, c.tmp / "other.ckpt") or load_checkpoint(str(c.tmp / "other.ckpt")),
+     r"was not written by a lightning_distill module"),
+    ("load_from_checkpoint of a missing file", lambda c: SoftDistill.load_from_checkpoint(str(c.tmp / "none.ckpt")),
+     r"checkpoint_path='.*none.ckpt' does not exist"),
+    ("export into an existing file", lambda c: built(soft(c)).export(c.file("student.txt")),
+     r"the export folder '.*student.txt' is a file"),
+    # --- labelling and callbacks
+    ("label kind unknown", lambda c: LabelWriter(str(c.tmp / "s"), kind="logits"),
+     r"kind must be one of .*got 'logits'"),
+    ("label k zero", lambda c: LabelWriter(str(c.tmp / "s"), k=0), r"k must be an integer in \[1, inf\], got 0"),
+    ("label path empty", lambda c: LabelWriter(""), r"path must be the folder to write the label store to, got ''"),
+    ("sample table every 0 validations", lambda c: SampleTable(every_n_validations=0),
+     r"every_n_validations must be an integer >= 1, got 0"),
+    ("export artifact name with a space", lambda c: ExportStudent(artifact_name="my student"),
+     r"artifact_name must be letters.*got 'my student'"),
+    ("W&B project empty", lambda c: OfflineFirstWandbLogger(project=""),
+     r"project must be a non-empty W&B project name"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_INPUTS, ids=[case[0] for case in BAD_INPUTS])
+def test_bad_input_gets_a_clear_error(case, tiny_teacher_dir, tmp_path, monkeypatch):
+    _, act, message = case
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a name taken for a Hub id must never wait on a network
+    with pytest.raises((ValueError, FileExistsError), match=message):
+        act(Ctx(tiny_teacher_dir, tmp_path))
+
+
+def test_the_table_is_long_enough():
+    assert len(BAD_INPUTS) >= 40 and len({case[0] for case in BAD_INPUTS}) == len(BAD_INPUTS)
+
+
+def test_rerunning_a_finished_labelling_is_a_no_op_that_says_so(tiny_teacher_dir, tmp_path, caplog):
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
+    path = write_labels(model, tmp_path / "store", kind="top1", splits=["validation"])
+    manifest = (Path(path) / "manifest.json").read_bytes()
+    write_labels(model, tmp_path / "store", kind="top1", splits=["validation"])  # the same command again
+    assert (Path(path) / "manifest.json").read_bytes() == manifest
+    assert "already complete with these settings; nothing to do" in caplog.text
+    with pytest.raises(FileExistsError, match="temperature differ"):
+        write_labels(model, tmp_path / "store", kind="top1", splits=["validation"], temperature=2.0)
+    assert read_manifest(path)["complete"]
+
+
+def test_the_cli_shows_a_bad_argument_without_a_traceback(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    config = ROOT / "configs" / "tiny" / "soft.yaml"
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config), "--model.init_args.teacher", tiny_teacher_dir,
+              "--model.init_args.temperature", "-1"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in error
+    assert "lightning-distill: error: temperature must be a number > 0, got -1.0" in error
+    assert "Union subtypes" not in error  # jsonargparse's summary of the types it tried is left out
+    with pytest.raises(SystemExit) as exit_:
+        main(["export", "--ckpt", "missing.ckpt", "--out", "x"])
+    assert exit_.value.code == 2 and "--ckpt='missing.ckpt' does not exist" in capsys.readouterr().err
