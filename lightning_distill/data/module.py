@@ -209,8 +209,12 @@ class DistillDataModule(L.LightningDataModule):
         position Lightning keeps in the checkpoint itself."""
         hp = self.hparams
         if self._stream is not None:
+            # the epoch to serve: a checkpoint's position (at an epoch's end Lightning restores no loader state, and
+            # trainer.current_epoch is not yet advanced when the loader is requested), else the trainer's
+            at = self._resume_at or {"epoch": self.trainer.current_epoch if self.trainer is not None else 0}
+            self._resume_at, epoch = None, at["epoch"]
             return self._stream.loader("train", hp.block_size, batch_size=hp.batch_size, num_workers=hp.num_workers,
-                                       shuffle=True, seed=hp.seed)
+                                       shuffle=True, seed=hp.seed, epoch=epoch)
         dataset = BlockDataset(self.train_blocks)
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)

@@ -41,7 +41,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill import backbone
-from lightning_distill.data.sources import SHAKESPEARE, _read_text, expand_sources, source_identity
+from lightning_distill.data.sources import SHAKESPEARE, expand_sources, read_text, source_identity
 from lightning_distill.files import atomic_write
 
 FORMAT = "lightning_distill.corpus/1"
@@ -129,7 +129,7 @@ def read_unit(unit: WorkUnit, text_field: str, keep: Callable[[int], bool]) -> I
         found = ((row, dataset[row][text_field]) for row in range(unit.start, unit.stop) if keep(row))
     for key, item in found:
         if isinstance(item, Path):
-            text = _read_text(item)  # as documents() reads it: a binary file is an error
+            text = read_text(item)  # as documents() reads it: a binary file is an error
         elif isinstance(item, bytes):
             text = _jsonl_text(item, text_field, unit.where, key)
         else:

@@ -97,7 +97,7 @@ def documents(corpus: str | list[str], text_field: str = "text") -> list[str]:
         elif kind == "hf":
             found = _read_hf(where, text_field)
         else:
-            found = [_read_text(Path(where))]
+            found = [read_text(Path(where))]
         found = [t for t in found if t.strip()]
         if not found:
             raise ValueError(f"corpus source {where!r} holds no text (empty or whitespace only): fill it or "
@@ -106,7 +106,7 @@ def documents(corpus: str | list[str], text_field: str = "text") -> list[str]:
     return texts
 
 
-def _read_text(path: Path) -> str:
+def read_text(path: Path) -> str:
     """A text file as UTF-8 (a few bad bytes replaced); a file that is not text (NUL bytes, or more than 1% of it
     undecodable: a binary file, or another encoding) raises ``ValueError``."""
     data = path.read_bytes()

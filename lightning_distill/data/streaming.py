@@ -171,10 +171,14 @@ class StreamedCorpus:
         return StreamedBlocks(self.dataset(split, block_size), self.num_blocks(split, block_size), block_size)
 
     def loader(self, split: str, block_size: int, *, batch_size: int, num_workers: int, shuffle: bool = False,
-               seed: int = 0) -> Any:
-        """A ``StreamingDataLoader`` (stateful: resumable from a checkpoint) over a split."""
+               seed: int = 0, epoch: int = 0) -> Any:
+        """A ``StreamingDataLoader`` (stateful: resumable from a checkpoint) over a split; its first ``iter()`` serves
+        epoch ``epoch`` (0-based, the trainer's: the shuffle of a run restored at an epoch's end, where Lightning
+        restores no loader state, follows the uninterrupted run's)."""
         dataset = self.dataset(split, block_size, shuffle=shuffle, seed=seed)
-        return BlockLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        loader = BlockLoader(dataset, batch_size=batch_size, num_workers=num_workers)
+        loader.current_epoch = epoch  # litdata counts epochs from 1, adding one at every iter()
+        return loader
 
     def clear_cache(self) -> None:
         """Delete the downloaded chunks of a remote corpus."""

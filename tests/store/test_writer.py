@@ -167,7 +167,7 @@ def test_label_then_train_with_the_tiny_cli_configs(tiny_teacher_dir, tmp_path, 
     assert manifest(tmp_path / "labels" / "tiny-topk")["complete"]
     loaded = []
     real = backbone.load_model
-    monkeypatch.setattr("lightning_distill.modules.base.load_model", lambda *a, **k: loaded.append(a) or real(
+    monkeypatch.setattr("lightning_distill.modules.building.load_model", lambda *a, **k: loaded.append(a) or real(
         *a, **k))
     main(["fit", "--config", str(configs / "soft_cached.yaml"), "--model.init_args.student", tiny_teacher_dir])
     assert loaded == []  # the student is named: no teacher is loaded, not even to build it
