@@ -1,17 +1,22 @@
 """Tests of lightning_distill.chunked: the chunked losses equal the unchunked ones (values and gradients of the
 hidden states and head weights) for chunk sizes that do and do not divide the number of positions, with
-masking, through both teacher paths (logits, hidden states + head) and for sparse targets."""
+masking, through both teacher paths (logits, hidden states + head) and for sparse targets; on the fused path
+(gradients in the forward pass, the default) and the checkpointed one, in float64 and bf16."""
 
 from __future__ import annotations
+
+import gc
+import weakref
 
 import pytest
 import torch
 from torch import nn
 
-from lightning_distill import chunked, losses
+from lightning_distill import chunked, losses, sparse
 
 B, T, H, H_T, V = 3, 7, 8, 6, 13  # N = 21 positions
 CHUNK_SIZES = [1, 4, 5, 21, 64]
+PARAMS = {"generalized_jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
 
 
 def make(seed: int = 0):
@@ -37,14 +42,176 @@ def assert_same(got: dict, want: dict, inputs: list[torch.Tensor]) -> None:
         torch.testing.assert_close(g, w)
 
 
+def is_fused(out: dict) -> bool:
+    """Whether the loss came from the fused path (its graph node is the fused autograd function)."""
+    return type(out["loss"].grad_fn).__name__.startswith("_FusedHeadLoss")
+
+
+@pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("ce_weight", [0.0, 0.4, 1.0])
 @pytest.mark.parametrize("chunk_size", CHUNK_SIZES)
-def test_equals_unchunked(chunk_size, ce_weight):
+def test_equals_unchunked(chunk_size, ce_weight, fused):
     hidden, head, teacher_logits, _, _, labels = make()
     kwargs = dict(divergence="forward_kl", ce_weight=ce_weight, temperature=2.0)
     want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=chunk_size, **kwargs)
+    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=chunk_size, fused=fused,
+                                       **kwargs)
+    assert is_fused(got) == fused
     assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+@pytest.mark.parametrize("teacher", ["logits", "hidden"])
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
+@pytest.mark.parametrize("divergence", sorted(losses.DIVERGENCES))
+def test_fused_equals_dense_float64(divergence, ce_weight, teacher):
+    """Every divergence, T != 1, both teacher sources, a chunk size that does not divide N: same value and
+    gradients (hidden, head weight and bias) as the dense loss on head(hidden), to float64 precision."""
+    hidden, head, teacher_logits, teacher_hidden, teacher_head, labels = make(8)
+    kwargs = dict(divergence=divergence, ce_weight=ce_weight, temperature=1.7, **PARAMS.get(divergence, {}))
+    if teacher == "logits":
+        source = {"teacher_logits": teacher_logits}
+    else:
+        source = {"teacher_logits": None, "teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
+        teacher_logits = teacher_head(teacher_hidden)
+    want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
+    got = chunked.chunked_distill_loss(hidden, head, labels=labels, chunk_size=5, **source, **kwargs)
+    assert is_fused(got) and not got["kd"].requires_grad and not got["ce"].requires_grad
+    assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+@pytest.mark.parametrize("kind", ["dense", "topk"])
+def test_fused_sub_chunks(kind, monkeypatch):
+    """On CPU the per-token part runs on sub-chunks of a chunk (here 2 rows of chunks of 5): same results."""
+    monkeypatch.setattr(chunked, "_SUB_CHUNK_ELEMENTS", 2 * V)
+    hidden, head, teacher_logits, teacher_hidden, teacher_head, labels = make(21)
+    kwargs = dict(ce_weight=0.3, temperature=1.5, divergence="generalized_jsd", beta=0.3)
+    if kind == "dense":
+        want = losses.distill_loss(head(hidden), teacher_head(teacher_hidden), labels, **kwargs)
+        got = chunked.chunked_distill_loss(hidden, head, None, labels, chunk_size=5, teacher_hidden=teacher_hidden,
+                                           teacher_head=teacher_head, **kwargs)
+    else:
+        targets = sparse.SparseTargets("topk", *sparse.topk_teacher(teacher_logits, 4, temperature=1.5), "bucket")
+        want = losses.distill_loss(head(hidden), targets, labels, **kwargs)
+        got = chunked.chunked_distill_loss(hidden, head, targets, labels, chunk_size=5, tail="bucket", **kwargs)
+    assert is_fused(got)
+    assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+@pytest.mark.parametrize("num_tokens", [30, torch.tensor(30), torch.tensor(11.0), 0])
+def test_fused_num_tokens(num_tokens):
+    """An external normalizer (a gradient-accumulation window) scales values and per-chunk gradients."""
+    hidden, head, teacher_logits, _, _, labels = make(9)
+    kwargs = dict(ce_weight=0.3, temperature=2.0, num_tokens=num_tokens)
+    want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
+    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=4, **kwargs)
+    assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 0.3, 1.0])
+def test_fused_all_masked_gives_zero_and_zero_grads(ce_weight):
+    hidden, head, teacher_logits, _, _, labels = make(10)
+    masked = torch.full_like(labels, losses.IGNORE_INDEX)
+    out = chunked.chunked_distill_loss(hidden, head, teacher_logits, masked, ce_weight=ce_weight, chunk_size=4)
+    assert is_fused(out) and out["loss"].item() == out["kd"].item() == out["ce"].item() == 0.0
+    out["loss"].backward()
+    for x in (hidden, head.weight, head.bias):
+        assert torch.equal(x.grad, torch.zeros_like(x))
+
+
+def test_fused_scales_by_the_incoming_gradient():
+    """Backward multiplies the stored gradients by grad_output (here 3) and adds to other paths' gradients."""
+    hidden, head, teacher_logits, _, _, labels = make(11)
+    want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
+    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=4)
+    inputs = [hidden, head.weight, head.bias]
+    for g, w in zip(torch.autograd.grad(3 * got["loss"] + (hidden**2).sum(), inputs),
+                    torch.autograd.grad(3 * want["loss"] + (hidden**2).sum(), inputs), strict=True):
+        torch.testing.assert_close(g, w)
+
+
+def test_fused_only_what_requires_grad():
+    """A frozen head (hidden gets gradients) and a frozen body (only the head does)."""
+    hidden, head, teacher_logits, _, _, labels = make(12)
+    weight = head.weight.detach().clone()  # a bare (V, H) weight that does not require grad
+    want = losses.distill_loss(hidden @ weight.T, teacher_logits, labels, ce_weight=0.5)
+    got = chunked.chunked_distill_loss(hidden, weight, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
+    assert_same(got, want, [hidden])
+    frozen = hidden.detach()
+    want = losses.distill_loss(head(frozen), teacher_logits, labels, ce_weight=0.5)
+    got = chunked.chunked_distill_loss(frozen, head, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
+    assert is_fused(got)
+    assert_same(got, want, [head.weight, head.bias])
+
+
+def test_tied_embedding_head():
+    """An output layer sharing its weight with the input embedding: both uses add up in the embedding's grad."""
+    _, _, teacher_logits, _, _, labels = make(13)
+    embedding = nn.Embedding(V, H).double()
+    head = nn.Linear(H, V, bias=False).double()
+    head.weight = embedding.weight
+    ids = torch.randint(0, V, (B, T))
+    kwargs = dict(ce_weight=0.3, temperature=1.5, divergence="generalized_jsd", beta=0.4)
+    want = losses.distill_loss(head(torch.tanh(embedding(ids))), teacher_logits, labels, **kwargs)
+    got = chunked.chunked_distill_loss(torch.tanh(embedding(ids)), head, teacher_logits, labels, chunk_size=5,
+                                       **kwargs)
+    assert is_fused(got)
+    assert_same(got, want, [embedding.weight])
+
+
+def assert_close_bf16(got: dict, want: dict, inputs: list[torch.Tensor]) -> None:
+    """Loose equality for bf16: values to 2%, gradients (in the inputs' dtypes) to 3% of their norm."""
+    for key in ("loss", "kd", "ce"):
+        torch.testing.assert_close(got[key], want[key], rtol=2e-2, atol=1e-3)
+    for x, g, w in zip(inputs, torch.autograd.grad(got["loss"], inputs), torch.autograd.grad(want["loss"], inputs),
+                       strict=True):
+        assert g.dtype == w.dtype == x.dtype
+        assert (g.double() - w.double()).norm() <= 3e-2 * w.double().norm(), (g, w)
+
+
+@pytest.mark.parametrize("divergence", ["forward_kl", "reverse_kl", "generalized_jsd", "tvd"])
+def test_fused_bf16_weights(divergence):
+    """bf16 hidden states and head: softmax in float32, gradients in bf16, close to the dense loss."""
+    hidden, head, teacher_logits, _, _, labels = make(14)
+    hidden = hidden.detach().bfloat16().requires_grad_()
+    head = head.bfloat16()
+    kwargs = dict(divergence=divergence, ce_weight=0.3, temperature=2.0)
+    want = losses.distill_loss(head(hidden), teacher_logits.bfloat16(), labels, **kwargs)
+    got = chunked.chunked_distill_loss(hidden, head, teacher_logits.bfloat16(), labels, chunk_size=5, **kwargs)
+    assert is_fused(got) and got["loss"].dtype == torch.float32
+    assert_close_bf16(got, want, [hidden, head.weight, head.bias])
+
+
+@pytest.mark.parametrize("teacher", ["logits", "hidden"])
+def test_fused_bf16_autocast(teacher):
+    """float32 parameters under bf16 autocast (bf16-mixed): bf16 logits and matmuls, float32 gradients."""
+    hidden, head, _, teacher_hidden, teacher_head, labels = make(15)
+    hidden, head, teacher_head = hidden.float().detach().requires_grad_(), head.float(), teacher_head.float()
+    teacher_hidden = teacher_hidden.float()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        teacher_logits = teacher_head(teacher_hidden)
+        want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.4)
+        source = {"teacher_logits": teacher_logits} if teacher == "logits" else {
+            "teacher_logits": None, "teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
+        got = chunked.chunked_distill_loss(hidden, head, labels=labels, ce_weight=0.4, chunk_size=5, **source)
+    assert is_fused(got)
+    assert_close_bf16(got, want, [hidden, head.weight, head.bias])
+
+
+class ScaledLinear(nn.Linear):
+    """An nn.Linear whose forward is not the stock one."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return 2 * super().forward(x)
+
+
+@pytest.mark.parametrize("kind", ["sequential", "subclass"])
+def test_other_head_modules_fall_back_to_checkpointing(kind):
+    hidden, head, teacher_logits, _, _, labels = make(16)
+    head = nn.Sequential(head) if kind == "sequential" else ScaledLinear(H, V).double()
+    want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
+    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=4)
+    assert not is_fused(got)
+    assert_same(got, want, [hidden, *head.parameters()])
 
 
 @pytest.mark.parametrize(
@@ -77,6 +244,7 @@ def test_trained_teacher_gets_gradients():
     want = losses.distill_loss(head(hidden), teacher_head(teacher_hidden), labels, divergence="generalized_jsd")
     got = chunked.chunked_distill_loss(hidden, head, None, labels, divergence="generalized_jsd", chunk_size=4,
                                        teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+    assert not is_fused(got)  # the fused path computes no teacher gradient: the checkpointed one does
     assert_same(got, want, [hidden, head.weight, teacher_head.weight])
 
 
@@ -101,19 +269,23 @@ def test_all_masked_and_no_grad():
     torch.testing.assert_close(got["loss"], want["loss"])
 
 
-def test_chunk_logits_are_not_saved_for_backward():
-    """Structural check of the checkpointing: no (C, V) tensor is kept between forward and backward."""
+@pytest.mark.parametrize("fused", [True, False])
+def test_no_chunk_logits_live_between_forward_and_backward(fused):
+    """Structural check: no (C, V) tensor saved for backward during the forward is still alive after it (the
+    fused path's local graphs are freed chunk by chunk; the checkpointed path saves only its inputs)."""
     hidden, head, _, teacher_hidden, teacher_head, labels = make(5)
-    saved: list[torch.Size] = []
+    saved: list[weakref.ref] = []
 
     def pack(x: torch.Tensor) -> torch.Tensor:
-        saved.append(x.shape)
+        saved.append(weakref.ref(x))
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = chunked.chunked_distill_loss(hidden, head, None, labels, ce_weight=0.5, chunk_size=4,
+        out = chunked.chunked_distill_loss(hidden, head, None, labels, ce_weight=0.5, chunk_size=4, fused=fused,
                                            teacher_hidden=teacher_hidden, teacher_head=teacher_head)
-    assert not any(len(shape) == 2 and shape[-1] == V for shape in saved), saved
+    gc.collect()
+    alive = [ref().shape for ref in saved if ref() is not None]
+    assert not any(len(shape) == 2 and shape[-1] == V for shape in alive), alive
     out["loss"].backward()
     assert hidden.grad is not None and head.weight.grad is not None
 
@@ -124,17 +296,84 @@ def test_chunk_logits_are_not_saved_for_backward():
 def test_sparse_equals_unchunked(kind, params, chunk_size):
     hidden, head, teacher_logits, _, _, labels = make(6)
     if kind == "topk":
-        ids, values = losses.topk_teacher(teacher_logits, 5, temperature=2.0)
+        ids, values = sparse.topk_teacher(teacher_logits, 5, temperature=2.0)
     else:
-        ids, values = losses.sample_teacher(teacher_logits, 8, temperature=2.0,
+        ids, values = sparse.sample_teacher(teacher_logits, 8, temperature=2.0,
                                             generator=torch.Generator().manual_seed(0))
     logits = head(hidden)
-    kd = losses.SPARSE_LOSSES[kind](logits, ids, values, labels, temperature=2.0, **params)
+    kd = sparse.SPARSE_LOSSES[kind](logits, ids, values, labels, temperature=2.0, **params)
     ce = losses.cross_entropy(logits, labels)
     want = {"loss": 0.7 * kd + 0.3 * ce, "kd": kd, "ce": ce}
     got = chunked.chunked_sparse_loss(hidden, head, ids, values, labels, kind=kind, ce_weight=0.3,
                                       temperature=2.0, chunk_size=chunk_size, **params)
+    assert is_fused(got)
     assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+@pytest.mark.parametrize("ce_weight", [0.0, 1.0])
+@pytest.mark.parametrize(("divergence", "tail"), [("forward_kl", "renorm"), ("reverse_kl", "bucket"),
+                                                  ("generalized_jsd", "bucket")])
+def test_sparse_targets_through_distill_loss(divergence, tail, ce_weight):
+    """A SparseTargets where teacher logits go (as the modules pass it, with its tail), every mix weight."""
+    hidden, head, teacher_logits, _, _, labels = make(17)
+    targets = sparse.SparseTargets("topk", *sparse.topk_teacher(teacher_logits, 4, temperature=1.5), tail)
+    kwargs = dict(divergence=divergence, ce_weight=ce_weight, temperature=1.5, num_tokens=25, tail=tail,
+                  **PARAMS.get(divergence, {}))
+    want = losses.distill_loss(head(hidden), targets, labels, **{k: v for k, v in kwargs.items() if k != "tail"})
+    got = chunked.chunked_distill_loss(hidden, head, targets, labels, chunk_size=5, **kwargs)
+    assert is_fused(got)
+    assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+def test_compile_failure_falls_back_to_eager(monkeypatch):
+    """``compiled=True``: the compiled chunk function is used; if it raises, a warning and the eager path."""
+    hidden, head, teacher_logits, _, _, labels = make(18)
+    calls = []
+
+    def broken(*args):
+        calls.append(args[-1])  # the compiled function is called with functional=True
+        raise RuntimeError("no compiler here")
+
+    monkeypatch.setattr(chunked, "_COMPILED", {"fn": broken})
+    want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
+    with pytest.warns(UserWarning, match="torch.compile"):
+        got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=5,
+                                           compiled=True)
+    assert calls == [True] and chunked._COMPILED["failed"]
+    assert_same(got, want, [hidden, head.weight, head.bias])
+
+
+def test_functional_chunk_grad_equals_eager():
+    """The ``torch.func`` form of the chunk gradient (the one ``torch.compile`` traces) equals the eager one."""
+    _, _, teacher_logits, _, _, labels = make(19)
+    logits = torch.randn(B * T, V, dtype=torch.float64)
+    y = labels.reshape(-1)
+    w = torch.tensor(0.1, dtype=torch.float64)
+
+    def kd_fn(z, logp, t):
+        return losses.divergence_per_token("skew_kl", z, t, 2.0, student_logp=logp, alpha=0.3)
+
+    args = (logits, y, y != losses.IGNORE_INDEX, w, 2 * w, kd_fn, (teacher_logits.reshape(-1, V),), 0.3, 2.0)
+    for got, want in zip(chunked._chunk_grad(*args, True), chunked._chunk_grad(*args), strict=True):
+        torch.testing.assert_close(got, want)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("divergence", ["forward_kl", "generalized_jsd"])
+def test_cuda_compiled_bf16_equals_dense(divergence):
+    """On CUDA the fused path compiles its chunk function by default; bf16 autocast as in bf16-mixed training."""
+    hidden, head, _, teacher_hidden, teacher_head, labels = make(20)
+    hidden = hidden.float().cuda().detach().requires_grad_()
+    head, teacher_head, teacher_hidden, labels = head.float().cuda(), teacher_head.float().cuda(), \
+        teacher_hidden.float().cuda(), labels.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        want = losses.distill_loss(head(hidden), teacher_head(teacher_hidden), labels, divergence=divergence,
+                                   ce_weight=0.5)
+        got = chunked.chunked_distill_loss(hidden, head, None, labels, divergence=divergence, ce_weight=0.5,
+                                           chunk_size=8, teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+    assert is_fused(got) and not chunked._COMPILED.get("failed")
+    assert_close_bf16(got, want, [hidden, head.weight, head.bias])
 
 
 @pytest.mark.parametrize(
@@ -145,6 +384,7 @@ def test_sparse_equals_unchunked(kind, params, chunk_size):
         ({"teacher_logits": None}, "teacher_logits"),
         ({"labels": None, "ce_weight": 0.5}, "labels"),
         ({"teacher_hidden": torch.zeros(B, T, H_T)}, "teacher_hidden"),
+        ({"temperature": 0.0}, "temperature"),
     ],
 )
 def test_value_errors_name_the_argument(kwargs, argument):
