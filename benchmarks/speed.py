@@ -1,7 +1,7 @@
 """Speed and memory of the loss head: forward + backward of KD (forward KL) mixed with CE from hidden states.
 
     python benchmarks/speed.py                 # CPU: fp32 and bf16 autocast (20 min on 2 busy cores); CUDA: bf16
-    python benchmarks/speed.py --threads 1     # when other jobs share the cores (2 threads then wait on each other)
+    OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py   # when other jobs share the cores (see below)
     python benchmarks/speed.py --rows 512 --vocab 4096 --repeats 1 --no-sweep --out /tmp/speed   # a smoke run
 
 The student's hidden states (N, H_s) go through its head (V, H_s); the teacher's hidden states (N, H_t) through
@@ -28,6 +28,11 @@ everything the op touches (logits, softmax buffers, the head's (V, H) gradient).
 ``torch.cuda.max_memory_allocated`` above the allocated memory before the call. Writes
 ``benchmarks/results/speed.json`` and ``speed.md``; the whole-training-step table will join them
 (:func:`training_step_rows`).
+
+When other jobs share the cores, an OpenMP thread that finishes a parallel region first spins (libgomp's default
+active wait) while the other is descheduled: that costs every parallel region, so more, smaller operations (the
+chunked losses) pay more than the few large ones of the naive loss. ``OMP_WAIT_POLICY=PASSIVE`` (or
+``--threads 1``) removes that artifact; the environment is recorded with the results.
 """
 
 from __future__ import annotations
@@ -274,6 +279,7 @@ def machine() -> dict[str, Any]:
             versions[package] = importlib.metadata.version(package)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
             "load_average_1_5_15_min": os.getloadavg(),
+            "environment": {k: v for k, v in os.environ.items() if k.startswith(("OMP_", "MKL_", "GOMP_"))},
             "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "python": platform.python_version(), "versions": versions}
 
@@ -283,6 +289,7 @@ def markdown(report: dict[str, Any]) -> str:
     gpu = m["gpu"] or "no GPU"
     lines = [f"Measured by `{report['command']}` on {report['date']}: {m['cpu']}, {m['cores']} cores "
              f"({m['torch_threads']} torch threads), {gpu}; "
+             + "".join(f"{k}={v}, " for k, v in m["environment"].items())
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
              + "; load average (1, 5, 15 min) {:.1f}, {:.1f}, {:.1f} before, {:.1f}, {:.1f}, {:.1f} after: ".format(
                  *m["load_average_1_5_15_min"], *report["load_average_after"])

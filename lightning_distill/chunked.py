@@ -40,7 +40,7 @@ DEFAULT_CHUNK_SIZE = 256
 """Rows per chunk. Measured with ``benchmarks/speed.py`` (2 CPU cores shared with other jobs, V = 49152, H = 576,
 4096 rows, float32): 128 / 256 / 512 rows took 1.09 / 0.97 / 0.95 x the time of the unchunked loss at 0.075 /
 0.10 / 0.13 x its peak memory; 256 is the largest within 1/8 of it."""
-_SUB_CHUNK_ELEMENTS = 2**22  # on CPU, logits per sub-chunk of the per-token part (16 MB in float32), see _fused
+_SUB_CHUNK_ELEMENTS = 2**22  # on CPU, logits per sub-chunk of the per-token part (16 MiB in float32), see _fused
 
 
 def _project(head: Head, hidden: Tensor) -> Tensor:
@@ -151,8 +151,10 @@ def _fused(h: Tensor, head: Head, y: Tensor | None, kd_fn: KDFn | None, rows: li
            chunk_size: int, compiled: bool) -> dict[str, Tensor]:
     """The fused loop over chunks of the rows of ``h`` (N, H), inside :class:`_FusedHeadLoss`; see the module
     docstring. On CPU the per-token part of a chunk runs on sub-chunks of at most :data:`_SUB_CHUNK_ELEMENTS`
-    logits: their buffers (16 MB) stay cached by the C allocator (a larger buffer is a fresh ``mmap`` whose page
-    faults cost as much as the arithmetic), while the matmuls keep ``chunk_size`` rows."""
+    logits, while the matmuls keep ``chunk_size`` rows: buffers under glibc's largest mmap threshold (32 MiB) are
+    reused from its heap, a larger one is a fresh ``mmap`` whose page faults cost as much as the arithmetic
+    (measured: 4x less system time). 16 MiB rather than 32: less memory, a little more time when other jobs share
+    the cores (an OpenMP thread spins at the end of each operation while the other waits for a core)."""
     weight, bias = (head, None) if isinstance(head, Tensor) else (head.weight, head.bias)
     need_h, need_w, need_b = (t is not None and _requires_grad(t) for t in (h, weight, bias))
     chunk_grad = _chunk_grad_fn(compiled)
