@@ -46,6 +46,30 @@ def payload(module: Any) -> dict[str, Any]:
     }
 
 
+def write(module: Any, checkpoint: dict[str, Any]) -> None:
+    """``on_save_checkpoint``: a frozen teacher is reloaded from its name, so its weights are dropped; the method's
+    name and :func:`payload` (model configs, tokenizer, signal state, random state, W&B run) are added."""
+    checkpoint["lightning_distill_class"] = type(module).__name__
+    checkpoint[KEY] = payload(module)
+    if not module.trains_teacher:
+        state = checkpoint["state_dict"]
+        for key in [k for k in state if k.startswith("teacher.")]:
+            del state[key]
+
+
+def load(module: Any, checkpoint: dict[str, Any]) -> None:
+    """``on_load_checkpoint``: put the freshly reloaded frozen teacher's weights back in so that strict loading
+    succeeds; restore the signal's state and (resuming a fit) the random state."""
+    if not module.trains_teacher and module.teacher is not None and "state_dict" in checkpoint:  # FSDP took it
+        state = checkpoint["state_dict"]
+        for key, value in module.teacher.state_dict(prefix="teacher.").items():
+            state.setdefault(key, value)
+    stored = checkpoint.get(KEY, {})
+    module.signal.load_state_dict(stored.get("signal", {}))
+    if "rng" in stored and module._trainer is not None:
+        set_random_state(stored["rng"])
+
+
 def wandb_run_id(module: Any) -> str | None:
     """The id of the W&B run the module's trainer logs to, if any (a resumed fit continues that run)."""
     if module._trainer is None:

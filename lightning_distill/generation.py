@@ -79,6 +79,18 @@ def generate(model: PreTrainedModel, prompts: Tensor, settings: GenerationSettin
     return new.cpu()
 
 
+
+def continue_texts(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompts: list[str],
+                   settings: GenerationSettings, synced: bool = False) -> list[str]:
+    """Continue each text prompt, one at a time (no padding), on the model's device; only the new text is
+    returned. ``synced``: every rank takes every step (a sharded model)."""
+    texts = []
+    for prompt in prompts:
+        ids = tokenizer(prompt, return_tensors="pt").input_ids.to(model.device)  # (1, P)
+        new = generate(model, ids, settings, tokenizer.eos_token_id, synced_gpus=synced)  # (1, N)
+        texts.append(tokenizer.decode(new[0], skip_special_tokens=True))
+    return texts
+
 def training_sequences(prompts: Tensor, continuations: Tensor, eos_id: int, pad_id: int) -> tuple[Tensor, Tensor]:
     """Training sequences from prompts (B, P) and continuations (B, N).
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_distill import chunked, losses, sparse
+from lightning_distill import chunked, fused, losses, sparse
 
 B, T, H, H_T, V = 3, 7, 8, 6, 13  # N = 21 positions
 CHUNK_SIZES = [1, 4, 5, 21, 64]
@@ -44,7 +44,7 @@ def assert_same(got: dict, want: dict, inputs: list[torch.Tensor]) -> None:
 
 def is_fused(out: dict) -> bool:
     """Whether the loss came from the fused path (its graph node is the fused autograd function)."""
-    return type(out["loss"].grad_fn).__name__.startswith("_FusedHeadLoss")
+    return type(out["loss"].grad_fn).__name__.startswith("FusedHeadLoss")
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -82,7 +82,7 @@ def test_fused_equals_dense_float64(divergence, ce_weight, teacher):
 @pytest.mark.parametrize("kind", ["dense", "topk"])
 def test_fused_sub_chunks(kind, monkeypatch):
     """On CPU the per-token part runs on sub-chunks of a chunk (here 2 rows of chunks of 5): same results."""
-    monkeypatch.setattr(chunked, "_SUB_CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(fused, "SUB_CHUNK_ELEMENTS", 2 * V)
     hidden, head, teacher_logits, teacher_hidden, teacher_head, labels = make(21)
     kwargs = dict(ce_weight=0.3, temperature=1.5, divergence="generalized_jsd", beta=0.3)
     if kind == "dense":
@@ -334,12 +334,12 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         calls.append(args[-1])  # the compiled function is called with functional=True
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(chunked, "_COMPILED", {"fn": broken})
+    monkeypatch.setattr(fused, "_COMPILED", {"fn": broken})
     want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
     with pytest.warns(UserWarning, match="torch.compile"):
         got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=5,
                                            compiled=True)
-    assert calls == [True] and chunked._COMPILED["failed"]
+    assert calls == [True] and fused._COMPILED["failed"]
     assert_same(got, want, [hidden, head.weight, head.bias])
 
 
@@ -354,7 +354,7 @@ def test_functional_chunk_grad_equals_eager():
         return losses.divergence_per_token("skew_kl", z, t, 2.0, student_logp=logp, alpha=0.3)
 
     args = (logits, y, y != losses.IGNORE_INDEX, w, 2 * w, kd_fn, (teacher_logits.reshape(-1, V),), 0.3, 2.0)
-    for got, want in zip(chunked._chunk_grad(*args, True), chunked._chunk_grad(*args), strict=True):
+    for got, want in zip(fused.chunk_grad(*args, True), fused.chunk_grad(*args), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -372,7 +372,7 @@ def test_cuda_compiled_bf16_equals_dense(divergence):
                                    ce_weight=0.5)
         got = chunked.chunked_distill_loss(hidden, head, None, labels, divergence=divergence, ce_weight=0.5,
                                            chunk_size=8, teacher_hidden=teacher_hidden, teacher_head=teacher_head)
-    assert is_fused(got) and not chunked._COMPILED.get("failed")
+    assert is_fused(got) and not fused._COMPILED.get("failed")
     assert_close_bf16(got, want, [hidden, head.weight, head.bias])
 
 

@@ -1,6 +1,6 @@
-"""Tests of lightning_distill.losses: each divergence against an independent float64 reference written from its
-formula, property tests (zero on identical inputs, JSD symmetry and endpoints, temperature), gradients
-(gradcheck), masking and normalization, dtypes, sparse targets and their samplers."""
+"""Tests of lightning_distill.divergences, .losses and .sparse: each divergence against an independent float64
+reference written from its formula, property tests (zero on identical inputs, JSD symmetry and endpoints,
+temperature), gradients (gradcheck), masking and normalization, dtypes, sparse targets and their samplers."""
 
 from __future__ import annotations
 

@@ -16,14 +16,14 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
-from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill import backbone
 from lightning_distill.data.prepare import is_prepared
 from lightning_distill.data.sampler import ResumableLoader, ResumableSampler, check_position, train_position
 from lightning_distill.data.sources import expand_sources
-from lightning_distill.data.tokens import cached_tokens, pack, split_documents
+from lightning_distill.data.tokens import BlockDataset, PlannedBlocks, cached_tokens, pack, split_documents
 
 SPLITS = ("train", "validation")
 
@@ -301,37 +301,6 @@ class DistillDataModule(L.LightningDataModule):
         hp = self.hparams
         return tokenizer, cached_tokens(corpus, tokenizer, text_field=hp.text_field, max_documents=max_documents,
                                         val_fraction=hp.val_fraction, seed=hp.seed)
-
-
-class BlockDataset(Dataset):
-    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T)."""
-
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks  # (N, T)
-
-    def __len__(self) -> int:
-        return len(self.blocks)
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        block = self.blocks[index]  # (T,)
-        return {"input_ids": block, "labels": block.clone(), "block_idx": index}
-
-
-class PlannedBlocks(IterableDataset):
-    """The items of :class:`BlockDataset` for the given block indices, in order, each DataLoader worker taking
-    every n-th one. Iterable, so that Lightning does not split it again over ranks: it already is this rank's
-    share (see :meth:`DistillDataModule.plan_predict`)."""
-
-    def __init__(self, blocks: torch.Tensor, indices: list[int]) -> None:
-        self.dataset, self.indices = BlockDataset(blocks), list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __iter__(self):
-        worker = get_worker_info()
-        mine = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
-        return (self.dataset[i] for i in mine)
 
 
 def _streamed(corpus: Any) -> Any:

@@ -30,8 +30,7 @@ import json
 import os
 import shutil
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +40,14 @@ from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill import backbone
-from lightning_distill.data.sources import SHAKESPEARE, expand_sources, read_text, source_identity
+from lightning_distill.data.sources import expand_sources, source_identity
+from lightning_distill.data.units import WorkUnit, read_unit, work_units
 from lightning_distill.files import atomic_write
 
 FORMAT = "lightning_distill.corpus/1"
 MANIFEST = "corpus.json"
 SPLITS = ("train", "validation")
 REMOTE = ("s3://", "gs://", "azure://", "r2://", "local:")  # URIs litdata streams from ("local:" is for tests)
-UNIT_BYTES = 8 * 2**20  # most bytes of a JSONL file per work unit (fewer for small corpora: 4 units per worker)
-MIN_UNIT_BYTES = 2**20
-UNIT_ROWS = 10_000  # rows of a Hugging Face dataset per work unit
 BATCH_CHARS = 2**20  # characters of text per tokenizer call
 INSTALL = "pip install 'lightning-distill[scale]'"
 
@@ -74,68 +71,6 @@ def is_prepared(corpus: Any) -> bool:
         raise ValueError(f"corpus {corpus!r} is an unfinished preparation (no {MANIFEST}): run the same "
                          "prepare_corpus / `lightning-distill prepare` again")
     return corpus.startswith(REMOTE) or (folder / MANIFEST).is_file()
-
-
-@dataclass(frozen=True)
-class WorkUnit:
-    """A piece of one source that one worker reads: a whole file or builtin, or ``[start, stop)`` of its bytes
-    (JSONL) or rows (dataset)."""
-
-    source: int  # position of the source in the corpus
-    kind: str  # builtin, text, jsonl or hf
-    where: str
-    start: int = 0
-    stop: int = 0
-
-
-def work_units(sources: list[tuple[str, str]], num_workers: int = 1) -> list[WorkUnit]:
-    """Cut ``expand_sources`` pairs into work units of similar size, enough for ``num_workers`` workers (how the
-    sources are cut does not change the token stream: units are read in order, a document in the unit it starts in)."""
-    jsonl = sum(os.path.getsize(where) for kind, where in sources if kind == "jsonl")
-    step = min(UNIT_BYTES, max(MIN_UNIT_BYTES, -(-jsonl // (4 * num_workers))))
-    units: list[WorkUnit] = []
-    for index, (kind, where) in enumerate(sources):
-        if kind == "jsonl":
-            size = os.path.getsize(where)
-            units += [WorkUnit(index, kind, where, s, min(s + step, size)) for s in range(0, size, step)]
-        elif kind == "hf":
-            rows = len(_load_hf(where))
-            units += [WorkUnit(index, kind, where, s, min(s + UNIT_ROWS, rows)) for s in range(0, rows, UNIT_ROWS)]
-        else:
-            units.append(WorkUnit(index, kind, where))
-    return units
-
-
-def read_unit(unit: WorkUnit, text_field: str, keep: Callable[[int], bool]) -> Iterator[str]:
-    """The non-empty documents of a unit whose key (its place within the source) ``keep`` accepts; the key is
-    tested before the document is parsed."""
-    if unit.kind == "builtin":
-        if unit.where == "builtin:shakespeare":
-            texts = [SHAKESPEARE.read_text(encoding="utf-8")]
-        else:
-            from pydoc_data.topics import topics
-
-            texts = [topics[name] for name in sorted(topics)]
-        found: Iterator[tuple[int, Any]] = ((i, text) for i, text in enumerate(texts) if keep(i))
-    elif unit.kind == "text":
-        found = iter([(0, Path(unit.where))] if keep(0) else [])
-    elif unit.kind == "jsonl":
-        found = _jsonl_lines(unit, keep)
-    else:
-        dataset = _load_hf(unit.where)
-        if text_field not in dataset.column_names:
-            raise ValueError(f"{unit.where} has no column text_field={text_field!r} (columns: "
-                             f"{dataset.column_names}): set text_field to the column holding the text")
-        found = ((row, dataset[row][text_field]) for row in range(unit.start, unit.stop) if keep(row))
-    for key, item in found:
-        if isinstance(item, Path):
-            text = read_text(item)  # as documents() reads it: a binary file is an error
-        elif isinstance(item, bytes):
-            text = _jsonl_text(item, text_field, unit.where, key)
-        else:
-            text = item
-        if isinstance(text, str) and text.strip():
-            yield text
 
 
 class Tokenize:
@@ -298,46 +233,6 @@ def _chunk_entries(out: Path, split: str) -> list[dict[str, Any]]:
         entries.append({"file": f"{split}/{chunk['filename']}", "tokens": int(chunk["dim"]),
                         "sha256": digest.hexdigest()})
     return entries
-
-
-def _jsonl_lines(unit: WorkUnit, keep: Callable[[int], bool]) -> Iterator[tuple[int, bytes]]:
-    """``(byte offset, raw line)`` of the lines starting in ``[start, stop)``; only kept lines are returned whole."""
-    with open(unit.where, "rb") as file:
-        if unit.start > 0:
-            file.seek(unit.start - 1)
-            file.readline()  # the line that started before this unit belongs to the previous one
-        while (offset := file.tell()) < unit.stop:
-            line = file.readline()
-            if not line:
-                return
-            if line.strip() and keep(offset):
-                yield offset, line
-
-
-def _jsonl_text(line: bytes, text_field: str, where: str, offset: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}, byte {offset}: not valid JSON ({error})") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise ValueError(f"{where}, byte {offset}: no string field text_field={text_field!r}; set text_field to the "
-                         "field holding the text")
-    return record[text_field]
-
-
-_HF_CACHE: dict[str, Any] = {}
-
-
-def _load_hf(where: str) -> Any:
-    """A saved Hugging Face dataset (its "train" split or only split), memory-mapped, kept per process."""
-    if where not in _HF_CACHE:
-        import datasets
-
-        dataset = datasets.load_from_disk(where)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-        _HF_CACHE[where] = dataset
-    return _HF_CACHE[where]
 
 
 def main(argv: list[str] | None = None) -> str:

@@ -2,9 +2,9 @@
 
 Documents are tokenized by the tokenizer of the model being trained (no special tokens) and cached as one flat
 int32 array plus document offsets, keyed by source identity and tokenizer fingerprint. They are split into
-train/validation by document from a seed; each split is packed: documents joined into one stream with EOS after
-each, cut into non-overlapping blocks, the remainder dropped. Cache: ``$LIGHTNING_DISTILL_DATA_CACHE`` or
-``~/.cache/lightning_distill/tokens``.
+train/validation by document from a seed; each split is packed (:func:`pack`): documents joined into one stream
+with EOS after each, cut into non-overlapping blocks, the remainder dropped, served by :class:`BlockDataset`.
+Cache: ``$LIGHTNING_DISTILL_DATA_CACHE`` or ``~/.cache/lightning_distill/tokens``.
 """
 
 from __future__ import annotations
@@ -16,10 +16,12 @@ import math
 import os
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info
+from torch.utils.data import Dataset, IterableDataset, get_worker_info
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill import backbone
@@ -124,3 +126,34 @@ def token_cache_dir() -> Path:
     """Where token caches are kept: ``$LIGHTNING_DISTILL_DATA_CACHE``, else ``cache_dir() / "tokens"``."""
     root = os.environ.get("LIGHTNING_DISTILL_DATA_CACHE")
     return Path(root) if root else backbone.cache_dir() / "tokens"
+
+
+class BlockDataset(Dataset):
+    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T)."""
+
+    def __init__(self, blocks: torch.Tensor) -> None:
+        self.blocks = blocks  # (N, T)
+
+    def __len__(self) -> int:
+        return len(self.blocks)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        block = self.blocks[index]  # (T,)
+        return {"input_ids": block, "labels": block.clone(), "block_idx": index}
+
+
+class PlannedBlocks(IterableDataset):
+    """The items of :class:`BlockDataset` for the given block indices, in order, each DataLoader worker taking
+    every n-th one. Iterable, so that Lightning does not split it again over ranks: it already is this rank's
+    share (see :meth:`DistillDataModule.plan_predict`)."""
+
+    def __init__(self, blocks: torch.Tensor, indices: list[int]) -> None:
+        self.dataset, self.indices = BlockDataset(blocks), list(indices)
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self):
+        worker = get_worker_info()
+        mine = self.indices if worker is None else self.indices[worker.id :: worker.num_workers]
+        return (self.dataset[i] for i in mine)

@@ -304,27 +304,14 @@ class DistillModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """A frozen teacher is reloaded from its name: keep it out of the checkpoint. Keep what makes the checkpoint
-        self-contained (:mod:`lightning_distill.checkpoint`: method, model configs, tokenizer, signal state,
-        random state, W&B run)."""
-        checkpoint["lightning_distill_class"] = type(self).__name__
-        checkpoint[saved.KEY] = saved.payload(self)
-        if not self.trains_teacher:
-            state = checkpoint["state_dict"]
-            for key in [k for k in state if k.startswith("teacher.")]:
-                del state[key]
+        """Keep a frozen teacher out of the checkpoint, and what makes it self-contained in
+        (:func:`lightning_distill.checkpoint.write`)."""
+        saved.write(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put the freshly reloaded frozen teacher's weights back in so that strict loading succeeds; restore the
-        signal's state, and (resuming a fit) the random state."""
-        if not self.trains_teacher and self.teacher is not None and "state_dict" in checkpoint:  # FSDP took it
-            state = checkpoint["state_dict"]
-            for key, value in self.teacher.state_dict(prefix="teacher.").items():
-                state.setdefault(key, value)
-        stored = checkpoint.get(saved.KEY, {})
-        self.signal.load_state_dict(stored.get("signal", {}))
-        if "rng" in stored and self._trainer is not None:
-            saved.set_random_state(stored["rng"])
+        """Put a frozen teacher's weights back for strict loading; restore the signal and random state
+        (:func:`lightning_distill.checkpoint.load`)."""
+        saved.load(self, checkpoint)
 
     @classmethod
     def load_from_checkpoint(cls, checkpoint_path: str, map_location: Any = None, hparams_file: str | None = None,
@@ -357,10 +344,5 @@ class DistillModule(L.LightningModule):
         if net is None:
             raise ValueError(f"model must be 'student' or 'teacher' (with a live teacher), got {model!r}")
         settings = generation.GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
-        texts, synced = [], sharding.is_sharded(self)  # sharded: every rank takes every step
-        with sharding.gathered(self):
-            for prompt in prompts:
-                ids = self.tokenizer(prompt, return_tensors="pt").input_ids.to(self.device)  # (1, P)
-                new = generation.generate(net, ids, settings, self.tokenizer.eos_token_id, synced_gpus=synced)
-                texts.append(self.tokenizer.decode(new[0], skip_special_tokens=True))  # new: (1, N)
-        return texts
+        with sharding.gathered(self):  # sharded: every rank takes every step (synced)
+            return generation.continue_texts(net, self.tokenizer, prompts, settings, synced=sharding.is_sharded(self))

@@ -2,10 +2,8 @@
 
 - ``mode="top1"`` (token level): at every position of the real text the student is trained with cross-entropy on
   the teacher's arg-max next token (optionally mixed with CE on the real token via ``ce_weight``).
-- ``mode="generate"`` (sequence level; Kim & Rush 2016, "Sequence-Level Knowledge Distillation"; the DeepSeek-R1
-  distillation recipe): the teacher continues a prompt taken from each block of the corpus, and the student is
-  trained on the teacher's tokens only (prompt positions and everything after the teacher's EOS masked;
-  :func:`lightning_distill.generation.training_sequences`).
+- ``mode="generate"`` (sequence level, :mod:`lightning_distill.modules.sequences`): the teacher continues a prompt
+  taken from each block of the corpus, and the student is trained on the teacher's tokens only.
 
 The tokens come from the signal source: a live teacher (continuations kept on disk and reused across epochs and
 runs), or with ``labels=PATH`` a label store written once by ``lightning-distill predict``: ``top1`` reads the
@@ -22,6 +20,7 @@ from torch import Tensor
 from lightning_distill import checks, generation
 from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.modules.base import DistillModule
+from lightning_distill.modules.sequences import TeacherSequences
 from lightning_distill.signals import LiveTeacher, StoredLabels
 from lightning_distill.sparse import SparseTargets
 
@@ -77,6 +76,8 @@ class HardDistill(DistillModule):
         self.ce_weight = ce_weight
         self.prompt_tokens = prompt_tokens
         self.signal = signal
+        #: the sequence-level piece (``mode="generate"``), None at token level
+        self.sequences = TeacherSequences(prompt_tokens, self.generation) if mode == "generate" else None
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """``top1`` trains from any per-position store; ``generate`` from a generate store of equal settings."""
@@ -84,26 +85,12 @@ class HardDistill(DistillModule):
         if (kind == "generate") != (self.mode == "generate"):
             raise ValueError(f"{where} is a {kind!r} store, which mode={self.mode!r} cannot use: "
                              f"set mode={'generate' if kind == 'generate' else 'top1'!r}")
-        stored = manifest.get("generation") or {}
-        ours = {"prompt_tokens": self.prompt_tokens, "max_new_tokens": self.generation.max_new_tokens}
-        for name, value in ours.items():
-            if kind == "generate" and stored.get(name) != value:
-                raise ValueError(f"{name}={value} differs from the store's {stored.get(name)}: set "
-                                 f"{name}={stored.get(name)}")
+        if self.sequences is not None:
+            self.sequences.check_store(manifest)
 
     def setup(self, stage: str) -> None:
-        """Before any work: in ``generate`` mode the prompt must fit in a block (it is each block's first
-        ``prompt_tokens``) and prompt + continuation in the models' positions."""
-        if self.mode == "generate":
-            data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-            block = getattr(getattr(data, "hparams", None), "block_size", None)
-            if isinstance(block, int) and self.prompt_tokens > block:
-                raise ValueError(f"prompt_tokens={self.prompt_tokens} is longer than the data's block_size={block} "
-                                 f"(a prompt is a block's first prompt_tokens): use prompt_tokens <= {block}")
-            total, limit = self.prompt_tokens + self.generation.max_new_tokens, self.max_positions
-            if limit is not None and total > limit:
-                raise ValueError(f"prompt_tokens + max_new_tokens = {total} is more than the models' {limit} "
-                                 f"positions: use max_new_tokens <= {limit - self.prompt_tokens}")
+        if self.sequences is not None:
+            self.sequences.check_fit(self)
         super().setup(stage)
 
     def compares_vocabularies(self) -> bool:
@@ -111,7 +98,7 @@ class HardDistill(DistillModule):
         return self.mode == "top1"
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        if self.mode == "top1":
+        if self.sequences is None:
             picks = SparseTargets.from_picks(self.signal.picks(self, batch))  # (B, T, 1): KD is CE on the picks
             parts = self.student_loss(batch["input_ids"], batch["labels"], picks, ce_weight=self.ce_weight)
         else:
@@ -122,25 +109,17 @@ class HardDistill(DistillModule):
         return self.backward_loss(parts["loss"], parts["tokens"])
 
     def teacher_sequences(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """Prompt (each block's first ``prompt_tokens``) + the teacher's continuation, and the targets: see
-        :func:`lightning_distill.generation.training_sequences`."""
-        continuations = self.signal.continuations(self, batch, self.prompt_tokens, self.generation)  # (B, N)
-        prompts = batch["input_ids"][:, : self.prompt_tokens]  # (B, P)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        return generation.training_sequences(prompts, continuations, eos, pad)
+        """``generate``: prompts + the teacher's continuations, and their targets (:class:`TeacherSequences`)."""
+        return self.sequences.training_batch(self, batch)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
-        """The teacher's signal for the label writer: ``top1`` as every method (logits); ``generate``:
-        ``{"block_idx": (B,), "continuations": (B, N)}`` of each block's prompt, freshly generated."""
-        if self.mode == "top1":
+        """The teacher's signal for the label writer: ``top1`` as every method (logits); ``generate`` its
+        continuations (:meth:`TeacherSequences.predict`)."""
+        if self.sequences is None:
             return super().predict_step(batch, batch_idx, dataloader_idx)
-        prompts = batch["input_ids"][:, : self.prompt_tokens]  # (B, P)
-        new = generation.generate(self.teacher, prompts, self.generation, self.tokenizer.eos_token_id)
-        return {"block_idx": batch["block_idx"], "continuations": new}
+        return self.sequences.predict(self, batch)
 
     def label_settings(self) -> dict[str, Any]:
         """The teacher, and in ``generate`` mode the generation settings a store records."""
-        settings = super().label_settings()
-        if self.mode == "generate":
-            settings["generation"] = {"prompt_tokens": self.prompt_tokens, **vars(self.generation)}
-        return settings
+        extra = {} if self.sequences is None else self.sequences.label_settings()
+        return {**super().label_settings(), **extra}

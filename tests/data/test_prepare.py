@@ -11,7 +11,7 @@ import pytest
 from conftest import prepared_corpus, requires_litdata, write_jsonl_corpus
 
 from lightning_distill.backbone import load_tokenizer
-from lightning_distill.data import documents, prepare, prepare_corpus
+from lightning_distill.data import documents, prepare, prepare_corpus, units
 
 pytestmark = requires_litdata
 
@@ -54,7 +54,7 @@ def test_prepare_writes_both_splits_with_a_manifest(tok, tiny_teacher_dir, tmp_p
 
 
 def test_two_workers_write_the_same_stream(tiny_teacher_dir, tmp_path, monkeypatch):
-    monkeypatch.setattr(prepare, "UNIT_BYTES", 2000)  # several work units to share out
+    monkeypatch.setattr(units, "UNIT_BYTES", 2000)  # several work units to share out
     one = prepared_corpus(tmp_path / "one", tiny_teacher_dir, num_workers=1)
     two = prepared_corpus(tmp_path / "two", tiny_teacher_dir, num_workers=2)
     files = {p: json.loads((tmp_path / p / "prepared" / "corpus.json").read_text()) for p in ("one", "two")}
