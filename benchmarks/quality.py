@@ -18,6 +18,10 @@ every other row. Their storage column is the size of the store on disk per token
 empty generation cache (their wall time includes generating) and report how repetitive the teacher's
 continuations are.
 
+``soft_fkl_features`` adds feature distillation (each student layer's hidden states matched to the teacher layer
+it was copied from, cosine loss, ``feature_weight=1``); ``soft_fkl_importance`` keeps the 6 teacher layers of
+highest Block Influence instead of 6 evenly spaced ones (:mod:`lightning_distill.pruning`).
+
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
 on a subset of the documents (the ranking of methods can change when the data repeats). Writes
 ``benchmarks/results/quality.{json,md,png}``. All runs use bf16 where the CPU/GPU has native bf16 (else fp32).
@@ -70,6 +74,10 @@ def default_methods() -> dict[str, Method]:
         "soft_fkl": Method(soft, {}, f"live logits ({VOCAB_BYTES_FP32:,} B fp32 if stored)"),
         "soft_pure_fkl": Method(soft, {"ce_weight": 0.0}, "live logits"),
         "soft_jsd": Method(soft, {"loss": "generalized_jsd", "beta": 0.5}, "live logits"),
+        "soft_fkl_features": Method(soft, {"feature_weight": 1.0, "feature_loss": "cosine"},
+                                    "live logits + hidden states of the same forward"),
+        "soft_fkl_importance": Method(soft, {"student": {"from_teacher": {"layers": 6, "select": "importance"}}},
+                                      "live logits"),
         "hard_top1": Method(HardDistill, {"mode": "top1", "ce_weight": 0.5}, "2 B (one uint16 id)"),
         "hard_generate": Method(HardDistill, {"mode": "generate", "prompt_tokens": 32, "max_new_tokens": 96},
                                 "2 B per generated token"),

@@ -8,13 +8,13 @@ A model is named the same way everywhere (teacher, student, data module):
 - any Hugging Face model id (``HuggingFaceTB/SmolLM2-360M``) or a local folder written by ``save_pretrained``.
 
 A student is built from a spec (:func:`build_student`): a name as above, ``{"from_teacher": {"layers": N}}`` (depth
-pruning: keep N evenly spaced teacher layers with their weights, as DistilBERT, Sanh et al. 2019, and Minitron,
-Muralidharan et al. 2024, do), or ``{"config": {...}}`` for a fresh random model (how the tests get tiny models).
+pruning: keep N teacher layers with their weights, evenly spaced or by measured importance, as DistilBERT, Sanh et
+al. 2019, and Minitron, Muralidharan et al. 2024, do; see :mod:`lightning_distill.pruning`), or ``{"config":
+{...}}`` for a fresh random model (how the tests get tiny models).
 """
 
 from __future__ import annotations
 
-import copy
 import hashlib
 import importlib.util
 import json
@@ -35,6 +35,10 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
+
+from lightning_distill import pruning
+from lightning_distill.pruning import evenly_spaced as evenly_spaced  # re-exported: moved to pruning.py
+from lightning_distill.pruning import prune_layers as prune_layers
 
 DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
 PROBE_TEXT = "Knowledge distillation: def f(x):\n    return x ** 2  # naïve café, 東京, 3.14159 <tag/>"
@@ -204,17 +208,21 @@ def freeze(model: nn.Module) -> nn.Module:
     return model
 
 
-def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = None) -> PreTrainedModel:
+def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = None,
+                  tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """Build the student from a spec.
 
     Args:
         spec: one of
             - a model name (builtin, Hugging Face id, folder): loaded pretrained;
             - ``{"from_teacher": {"layers": N}}``: N evenly spaced teacher layers (first and last included) with
-              their weights, plus the teacher's embeddings, final norm and output head;
+              their weights, plus the teacher's embeddings, final norm and output head; ``"select": "importance"``
+              keeps the N most important ones instead, ``"layers": [i, j, ...]`` the ones listed
+              (:mod:`lightning_distill.pruning`); the kept indices are in ``config.distill_teacher_layers``;
             - ``{"config": {"model_type": "llama", ...}}``: a fresh random model of that config; a missing
               ``vocab_size`` is taken from the teacher.
         teacher: the teacher model, needed by ``from_teacher`` and to fill in ``vocab_size``.
+        tokenizer: the teacher's tokenizer, needed by ``from_teacher`` with ``"select": "importance"``.
 
     Returns:
         A trainable causal LM (``train()`` mode, float32).
@@ -229,65 +237,13 @@ def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = 
     if "from_teacher" in spec:
         if teacher is None:
             raise ValueError("student={'from_teacher': ...} needs the teacher model; pass teacher=")
-        options = dict(spec["from_teacher"] or {})
-        layers = options.pop("layers", None)
-        if options:
-            raise ValueError(f"student.from_teacher accepts only 'layers', got extra keys {sorted(options)}")
-        return prune_layers(teacher, layers)
+        return pruning.from_teacher(teacher, spec["from_teacher"], tokenizer)
     fields = dict(spec["config"])
     model_type = fields.pop("model_type", "llama")
     if "vocab_size" not in fields and teacher is not None:
         fields["vocab_size"] = teacher.config.vocab_size
     config = AutoConfig.for_model(model_type, **fields)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
-
-
-def evenly_spaced(total: int, keep: int) -> list[int]:
-    """Indices of ``keep`` evenly spaced items out of ``total``, first and last included.
-
-    >>> evenly_spaced(30, 6)
-    [0, 6, 12, 17, 23, 29]
-    """
-    if not 1 <= keep <= total:
-        raise ValueError(f"layers must be between 1 and the teacher's {total} layers, got {keep}")
-    if keep == 1:
-        return [total - 1]
-    return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
-
-
-def prune_layers(teacher: PreTrainedModel, layers: int | None) -> PreTrainedModel:
-    """A copy of ``teacher`` keeping ``layers`` evenly spaced decoder layers (depth pruning), in float32."""
-    if not isinstance(layers, int) or isinstance(layers, bool):
-        raise ValueError(f"student.from_teacher.layers must be an integer, got {layers!r}")
-    total = teacher.config.num_hidden_layers
-    kept = evenly_spaced(total, layers)
-    config = copy.deepcopy(teacher.config)
-    config.num_hidden_layers = layers
-    if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds follow their layers
-        config.layer_types = [config.layer_types[i] for i in kept]
-    config._name_or_path = ""
-    student = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    source = teacher.state_dict()
-    prefix = _layers_prefix(teacher)
-    state = {}
-    for key in student.state_dict():
-        if key.startswith(prefix):
-            index, rest = key[len(prefix) :].split(".", 1)
-            state[key] = source[f"{prefix}{kept[int(index)]}.{rest}"]
-        else:
-            state[key] = source[key]
-    student.load_state_dict({k: v.detach().to(torch.float32).clone() for k, v in state.items()})
-    if getattr(config, "tie_word_embeddings", False):
-        student.tie_weights()
-    return student.train()
-
-
-def _layers_prefix(model: PreTrainedModel) -> str:
-    """The state-dict prefix of the decoder layer list (``model.layers.`` for Llama, Qwen, Mistral, ...)."""
-    for name, module in model.named_modules():
-        if isinstance(module, nn.ModuleList) and len(module) == model.config.num_hidden_layers:
-            return f"{name}."
-    raise ValueError(f"cannot find the decoder layers of {type(model).__name__} to prune")
 
 
 def check_tokenizers(

@@ -43,7 +43,8 @@ def make_models(module: DistillModule) -> None:
         teacher = build_student(spec)
     elif module.teacher_name is not None and (module.needs_teacher() or prunes_teacher):
         teacher = load_model(module.teacher_name, role="teacher")  # fp32: from_teacher students copy exact weights
-    keep(module, build_student(module.student_spec, teacher), teacher if module.needs_teacher() else None)
+    student = build_student(module.student_spec, teacher, module.tokenizer)
+    keep(module, student, teacher if module.needs_teacher() else None)
     if isinstance(module.student_spec, str) and teacher is not None:
         check_tokenizers(module.tokenizer, load_tokenizer(module.student_spec, "student"), module.teacher_name,
                          module.student_spec, teacher.config.vocab_size, module.student.config.vocab_size)

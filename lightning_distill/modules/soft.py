@@ -14,15 +14,21 @@ forward KL (Anshumann et al. 2025).
 On-policy distillation (:mod:`lightning_distill.signals.sampled`): with ``lmbda > 0`` that share of the batches is
 replaced by the student's own continuations of their first ``prompt_tokens`` tokens (or of prompts from a file),
 graded token by token by the live teacher with ``on_policy_loss``; ``lmbda=0`` is exactly the off-policy method.
+
+Feature distillation (:mod:`lightning_distill.features`): with ``feature_weight > 0`` each student layer's hidden
+states are also matched to a teacher layer's (recorded during the teacher's forward that gives its distribution), and
+``loss += feature_weight * feature_loss``; ``feature_weight=0`` computes and holds nothing more.
 """
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
+import torch
 from torch import Tensor
 
-from lightning_distill import checks
+from lightning_distill import checks, features, pruning
 from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.generation import GenerationSettings
 from lightning_distill.losses import Divergence, ForwardKL, divergence_from
@@ -57,6 +63,11 @@ class SoftDistill(DistillModule):
         top_p: the student's nucleus sampling mass in (0, 1].
         prompts: a JSONL prompt file (``{"prompt": ...}`` or ``{"messages": [...]}`` per line, the latter rendered
             with the chat template); ``None``: prompts from the corpus blocks.
+        feature_weight: weight >= 0 of the feature (hidden-state) term added to the loss; 0 turns it off. Needs a
+            live teacher and off-policy training (``labels=None``, ``lmbda=0``).
+        feature_loss: ``"cosine"`` (1 - cosine similarity per token) or ``"mse"`` (MSE of layer-normalized states).
+        feature_layers: ``{student layer: teacher layer}`` to match; ``None``: every student layer to the teacher
+            layer it was copied from (``from_teacher`` students), else to evenly spaced teacher layers.
         **kwargs: :class:`DistillModule` arguments (learning rate, schedule, chunking, dtypes).
     """
 
@@ -78,11 +89,22 @@ class SoftDistill(DistillModule):
         sample_temperature: float = 1.0,
         top_p: float = 1.0,
         prompts: str | None = None,
+        feature_weight: float = 0.0,
+        feature_loss: str = "cosine",
+        feature_layers: dict[int, int] | None = None,
         **kwargs: Any,
     ) -> None:
         self.divergence = divergence_from(loss, beta=beta, alpha=alpha)
         checks.number("temperature", temperature, "> 0", lambda v: v > 0, "1.0")
         checks.number("ce_weight", ce_weight, "in [0, 1] (1 = CE-only baseline)", lambda v: 0 <= v <= 1, "0.5")
+        features.check_arguments(feature_weight, feature_loss, feature_layers)
+        if feature_weight > 0 and labels is not None:
+            raise ValueError(f"feature_weight={feature_weight} matches the teacher's hidden states, which the label "
+                             f"store labels={labels!r} does not hold: set feature_weight=0 to train from stored "
+                             "labels, or labels=None to use a live teacher")
+        if feature_weight > 0 and lmbda > 0:
+            raise ValueError(f"feature_weight={feature_weight} matches hidden states on the corpus text, but "
+                             f"lmbda={lmbda} trains on the student's own samples: set lmbda=0 or feature_weight=0")
         if tail == "renorm" and not isinstance(self.divergence, ForwardKL):
             raise ValueError(f"tail='renorm' leaves the teacher 0 outside its top-k ids, where only forward_kl is "
                              f"defined: use tail='bucket' with loss={loss!r}")
@@ -102,6 +124,8 @@ class SoftDistill(DistillModule):
         self.temperature = temperature
         self.ce_weight = ce_weight
         self.signal = signal
+        self.feature_weight = float(feature_weight)
+        self.features = features.FeatureMatcher(feature_loss, feature_layers) if feature_weight > 0 else None
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """A store feeds SoftDistill when it holds soft targets at this temperature for this divergence."""
@@ -120,9 +144,35 @@ class SoftDistill(DistillModule):
         if isinstance(self.signal, StudentSamples) and self.signal.chooses(self.global_step):  # on-policy batch
             parts = self.student_loss(**self.signal.loss_inputs(self, batch, self.temperature))
         else:
-            teacher = self.signal.distribution(self, batch) if self.ce_weight < 1 else None
-            parts = self.student_loss(batch["input_ids"], batch["labels"], teacher, divergence=self.divergence,
-                                      ce_weight=self.ce_weight, temperature=self.temperature)
+            with self.feature_recording() as record:  # both forwards below record the matched layers' states
+                needed = self.ce_weight < 1 or record is not None
+                teacher = self.signal.distribution(self, batch) if needed else None
+                parts = self.student_loss(batch["input_ids"], batch["labels"], teacher, divergence=self.divergence,
+                                          ce_weight=self.ce_weight, temperature=self.temperature)
+            if record is not None:
+                mask = features.valid_positions(batch["labels"], batch.get("attention_mask"))  # (B, T-1)
+                parts["feature_loss"] = self.features(record, mask)
+                parts["loss"] = parts["loss"] + self.feature_weight * parts["feature_loss"]
         self.log_train(parts, batch["input_ids"].shape[0])
         return self.backward_loss(parts["loss"], parts["tokens"])
+
+    # ------------------------------------------------------------------------------------------ feature term
+    def make_models(self) -> None:
+        """Build the models, then fix the feature term's layer map and projection for them."""
+        super().make_models()
+        if self.features is not None and self.teacher is not None:
+            student, teacher = self.student.config, self.teacher.config
+            default = None if self.features.requested else pruning.counterparts(student, teacher.num_hidden_layers)
+            self.features.bind(student, teacher, default)
+
+    def feature_recording(self) -> AbstractContextManager[features.Recording | None]:
+        """Records the matched layers' states of the forwards made inside (``None`` when the term is off)."""
+        if self.features is None:
+            return nullcontext()
+        return self.features.recording(pruning.decoder_layers(self.student), pruning.decoder_layers(self.teacher))
+
+    def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
+        """The student, and the feature projection when the widths differ (at the student's learning rate)."""
+        extra = self.features is not None and self.features.projection is not None
+        return super().trainable_models() + ([(self.features, self.learning_rate)] if extra else [])
 
