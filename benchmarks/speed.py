@@ -1,8 +1,10 @@
-"""Speed and memory of the loss head: forward + backward of KD (forward KL) mixed with CE from hidden states.
+"""Speed and memory of the loss head (forward + backward of KD (forward KL) mixed with CE from hidden states) and
+of whole training steps, ours beside TRL's (``benchmarks/speed_steps.py``).
 
-    python benchmarks/speed.py                 # CPU: fp32 and bf16 autocast (20 min on 2 busy cores); CUDA: bf16
+    python benchmarks/speed.py                 # CPU: fp32 and bf16 autocast; CUDA: bf16; then the whole-step table
     OMP_WAIT_POLICY=PASSIVE python benchmarks/speed.py   # when other jobs share the cores (see below)
-    python benchmarks/speed.py --rows 512 --vocab 4096 --repeats 1 --no-sweep --out /tmp/speed   # a smoke run
+    python benchmarks/speed.py --head-only --rows 512 --vocab 4096 --repeats 1 --no-sweep --out /tmp/speed  # smoke
+    python benchmarks/speed.py --steps-only --step-models tiny --step-shape 2x32 --out /tmp/speed   # smoke, steps
 
 The student's hidden states (N, H_s) go through its head (V, H_s); the teacher's hidden states (N, H_t) through
 its frozen head (V, H_t); ``loss = (1 - w) * KL(p_t || p_s) + w * CE`` with w = ``--ce-weight``, labels with one
@@ -26,8 +28,7 @@ in its own fresh process, where the kernel's peak-RSS mark (VmHWM) is reset once
 warm-up call for compiled rows, whose compiler is not counted); the peak above the RSS before the call counts
 everything the op touches (logits, softmax buffers, the head's (V, H) gradient). On CUDA:
 ``torch.cuda.max_memory_allocated`` above the allocated memory before the call. Writes
-``benchmarks/results/speed.json`` and ``speed.md``; the whole-training-step table will join them
-(:func:`training_step_rows`).
+``benchmarks/results/speed.json`` and ``speed.md``, with the whole-training-step table and its ratios.
 
 When other jobs share the cores, an OpenMP thread that finishes a parallel region first spins (libgomp's default
 active wait) while the other is descheduled: that costs every parallel region, so more, smaller operations (the
@@ -55,8 +56,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import speed_steps
+import step_worker
 import torch
 import torch.nn.functional as F
+from step_worker import proc_status
 
 from lightning_distill import chunked, losses
 
@@ -81,6 +85,7 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--vocab", type=int, default=None, help="override V of every shape (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for speed.json and speed.md")
+    speed_steps.add_arguments(parser)  # --head-only, --steps-only, --step-models, --step-shape, --step-repeats
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row, in a subprocess
     return parser.parse_args(argv)
 
@@ -201,13 +206,6 @@ def cpu_peak(row: dict[str, Any]) -> dict[str, int]:
     return {"peak_bytes": proc_status("VmHWM") - before, "rss_before": before}
 
 
-def proc_status(field: str) -> int:
-    """A memory field of ``/proc/self/status`` in bytes."""
-    with open("/proc/self/status") as f:
-        line = next(line for line in f if line.startswith(field + ":"))
-    return int(line.split()[1]) * 1024
-
-
 def in_subprocess(task: str, row: dict[str, Any]) -> dict[str, Any]:
     """``task`` (``cpu_peak`` or ``time_group``) of ``row`` in a fresh Python process: its JSON result."""
     command = [sys.executable, __file__, "--worker", json.dumps({"task": task, "row": row})]
@@ -250,13 +248,6 @@ def loss_head_rows(args: argparse.Namespace, device: str) -> tuple[list[dict[str
     return results, notes
 
 
-def training_step_rows(args: argparse.Namespace, device: str) -> list[dict[str, Any]]:
-    """The whole-training-step table, to come (issue #10, second half): one optimizer step of the embedded
-    teacher/student pair for CE only, online KD (live teacher), stored-label KD, and TRL's GKDTrainer /
-    SFTTrainer on the same data; seconds per step and peak memory, ratios vs CE only. Not measured yet."""
-    return []
-
-
 def ratios(results: list[dict[str, Any]]) -> None:
     """Add time and memory ratios vs naive (and vs Liger) of the same shape and precision, in place."""
     for ref in ("naive", "liger"):
@@ -274,7 +265,7 @@ def machine() -> dict[str, Any]:
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), cpu)
     versions = {}
-    for package in ("torch", "transformers", "lightning", "liger-kernel", "triton"):
+    for package in ("torch", "transformers", "lightning", "trl", "liger-kernel", "triton"):
         with contextlib.suppress(importlib.metadata.PackageNotFoundError):
             versions[package] = importlib.metadata.version(package)
     return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(),
@@ -293,8 +284,15 @@ def markdown(report: dict[str, Any]) -> str:
              + ", ".join(f"{k} {v}" for k, v in m["versions"].items())
              + "; load average (1, 5, 15 min) {:.1f}, {:.1f}, {:.1f} before, {:.1f}, {:.1f}, {:.1f} after: ".format(
                  *m["load_average_1_5_15_min"], *report["load_average_after"])
-             + "other jobs shared the cores when it is above the core count; compare ratios within the run.", "",
-             "**Loss head**, forward + backward of (1 - w) KL(teacher || student) + w CE from hidden states, "
+             + "other jobs shared the cores when it is above the core count; compare ratios within the run.", ""]
+    return "\n".join(lines + loss_head_markdown(report) + speed_steps.markdown(report)).rstrip() + "\n"
+
+
+def loss_head_markdown(report: dict[str, Any]) -> list[str]:
+    """The loss-head table, as markdown lines."""
+    if not report["loss_head"]:
+        return []
+    lines = ["**Loss head**, forward + backward of (1 - w) KL(teacher || student) + w CE from hidden states, "
              f"w = {report['ce_weight']}, teacher from its hidden states and head (see the docstring of "
              "`benchmarks/speed.py` for how time and memory are measured):", ""]
     liger = any("time_vs_liger" in r for r in report["loss_head"])
@@ -315,8 +313,7 @@ def markdown(report: dict[str, Any]) -> str:
         chunk = "" if r["method"] in ("naive", "liger") else r["chunk_size"]
         cells = [f"failed: {r['error']}"] if "error" in r else [_cell(cell, r) for _, cell in columns]
         lines.append(f"| {shape} | {r['precision']} | {r['method']} | {chunk} | " + " | ".join(cells) + " |")
-    lines += [""] + [f"- {note}" for note in report["notes"]]
-    return "\n".join(lines) + "\n"
+    return [*lines, "", *[f"- {note}" for note in report["notes"]], ""]
 
 
 def _cell(cell: Callable[[dict[str, Any]], str], row: dict[str, Any]) -> str:
@@ -334,7 +331,9 @@ def main(argv: list[str]) -> None:
         first = job["row"][0] if isinstance(job["row"], list) else job["row"]
         if first["threads"]:
             torch.set_num_threads(first["threads"])
-        print(json.dumps(cpu_peak(job["row"]) if job["task"] == "cpu_peak" else time_group(job["row"])))
+        tasks = {"cpu_peak": cpu_peak, "time_group": time_group}
+        task = tasks.get(job["task"], lambda row: step_worker.work(job["task"], row))
+        print(json.dumps(task(job["row"])))
         return
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -343,10 +342,12 @@ def main(argv: list[str]) -> None:
     date = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     clock = time.perf_counter()
     machine_before = machine()
-    results, notes = loss_head_rows(args, device)
+    results, notes = loss_head_rows(args, device) if not args.steps_only else ([], [])
     ratios(results)
+    steps, step_notes = speed_steps.step_rows(args, device, in_subprocess) if not args.head_only else ([], [])
     report = {"command": command, "date": date, "machine": machine_before, "ce_weight": args.ce_weight,
-              "loss_head": results, "training_step": training_step_rows(args, device), "notes": notes,
+              "loss_head": results, "notes": notes, "training_step": steps,
+              "training_step_ratios": speed_steps.ratios(steps), "training_step_notes": step_notes,
               "wall_seconds": time.perf_counter() - clock, "load_average_after": os.getloadavg()}
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

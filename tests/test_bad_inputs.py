@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -55,6 +56,12 @@ def soft(ctx: Ctx, **kwargs) -> SoftDistill:
     return SoftDistill(**{"teacher": ctx.teacher, "student": TINY_STUDENT, **kwargs})
 
 
+def without_cuda(make):
+    """``make()`` as on a machine without CUDA (the CPU's answer to a CUDA-only argument)."""
+    with mock.patch("torch.cuda.is_available", return_value=False):
+        return make()
+
+
 def generating(ctx: Ctx, **kwargs) -> HardDistill:
     return HardDistill(teacher=ctx.teacher, student=TINY_STUDENT, mode="generate", **kwargs)
 
@@ -70,6 +77,14 @@ BAD_INPUTS = [
     ("min_lr_ratio above 1", lambda c: soft(c, min_lr_ratio=1.5),
      r"min_lr_ratio must be a number in \[0, 1\], got 1.5"),
     ("chunk_size negative", lambda c: soft(c, chunk_size=-1), r"chunk_size must be an integer >= 0"),
+    ("compile_student as a string", lambda c: soft(c, compile_student="yes"),
+     r"compile_student must be True or False, got 'yes'"),
+    ("compile_teacher of a trained teacher", lambda c: CoDistill(teacher=c.teacher, compile_teacher=True),
+     r"compile_teacher=True compiles a frozen teacher, but this method trains its teacher"),
+    ("compile_teacher without a teacher kept", lambda c: built(soft(c, labels="/no/such/store", compile_teacher=True)),
+     r"compile_teacher=True, but this run keeps no teacher in memory \(labels='/no/such/store'\)"),
+    ("liger_kernels without CUDA", lambda c: without_cuda(lambda: soft(c, liger_kernels=True)),
+     r"liger_kernels=True needs a CUDA device"),
     ("teacher_dtype unknown", lambda c: soft(c, teacher_dtype="float33"),
      r"teacher_dtype must be 'auto' or a torch dtype name.*'float33'"),
     ("temperature zero", lambda c: soft(c, temperature=0), r"temperature must be a number > 0, got 0"),
@@ -81,21 +96,6 @@ BAD_INPUTS = [
     ("tail renorm with reverse KL", lambda c: soft(c, loss="reverse_kl", tail="renorm"),
      r"tail='renorm'.*use tail='bucket' with loss='reverse_kl'"),
     ("tail unknown", lambda c: soft(c, tail="drop"), r"tail must be 'bucket' or 'renorm', got 'drop'"),
-    ("hard mode unknown", lambda c: HardDistill(teacher=c.teacher, mode="beam"),
-     r"mode must be one of \('top1', 'generate'\), got 'beam'"),
-    ("hard prompt_tokens zero", lambda c: HardDistill(teacher=c.teacher, prompt_tokens=0),
-     r"prompt_tokens must be an integer >= 1, got 0"),
-    ("hard prompt_tokens as a string", lambda c: HardDistill(teacher=c.teacher, prompt_tokens="8"),
-     r"prompt_tokens must be an integer >= 1, got '8': write it without quotes"),
-    ("hard max_new_tokens zero", lambda c: HardDistill(teacher=c.teacher, mode="generate", max_new_tokens=0),
-     r"max_new_tokens must be an integer >= 1, got 0"),
-    ("hard sampling temperature zero", lambda c: HardDistill(teacher=c.teacher, do_sample=True, temperature=0),
-     r"temperature must be > 0, got 0"),
-    ("hard top_p zero", lambda c: HardDistill(teacher=c.teacher, do_sample=True, top_p=0),
-     r"top_p must be in \(0, 1\], got 0"),
-    ("co without a teacher", lambda c: CoDistill(teacher=None),
-     r"CoDistill trains its teacher: teacher must be a model name"),
-    ("co kd_weight above 1", lambda c: CoDistill(teacher=c.teacher, kd_weight=2),
     ("feature_weight negative", lambda c: soft(c, feature_weight=-1.0),
      r"feature_weight must be a number >= 0 \(0 turns feature distillation off\), got -1.0"),
     ("feature_weight as a string", lambda c: soft(c, feature_weight="1"),
@@ -111,6 +111,21 @@ BAD_INPUTS = [
      r"not hold"),
     ("feature_weight on-policy", lambda c: soft(c, feature_weight=1.0, lmbda=0.5),
      r"feature_weight=1.0 matches hidden states on the corpus text, but lmbda=0.5"),
+    ("hard mode unknown", lambda c: HardDistill(teacher=c.teacher, mode="beam"),
+     r"mode must be one of \('top1', 'generate'\), got 'beam'"),
+    ("hard prompt_tokens zero", lambda c: HardDistill(teacher=c.teacher, prompt_tokens=0),
+     r"prompt_tokens must be an integer >= 1, got 0"),
+    ("hard prompt_tokens as a string", lambda c: HardDistill(teacher=c.teacher, prompt_tokens="8"),
+     r"prompt_tokens must be an integer >= 1, got '8': write it without quotes"),
+    ("hard max_new_tokens zero", lambda c: HardDistill(teacher=c.teacher, mode="generate", max_new_tokens=0),
+     r"max_new_tokens must be an integer >= 1, got 0"),
+    ("hard sampling temperature zero", lambda c: HardDistill(teacher=c.teacher, do_sample=True, temperature=0),
+     r"temperature must be > 0, got 0"),
+    ("hard top_p zero", lambda c: HardDistill(teacher=c.teacher, do_sample=True, top_p=0),
+     r"top_p must be in \(0, 1\], got 0"),
+    ("co without a teacher", lambda c: CoDistill(teacher=None),
+     r"CoDistill trains its teacher: teacher must be a model name"),
+    ("co kd_weight above 1", lambda c: CoDistill(teacher=c.teacher, kd_weight=2),
      r"kd_weight must be a number in \[0, 1\], got 2"),
     ("co schedule unknown", lambda c: CoDistill(teacher=c.teacher, schedule="cosine"),
      r"schedule must be one of .*got 'cosine'"),
@@ -145,6 +160,16 @@ BAD_INPUTS = [
     ("student keeps more layers than the teacher has",
      lambda c: built(soft(c, student={"from_teacher": {"layers": 99}})),
      r"layers must be between 1 and the teacher's 4 layers, got 99"),
+    ("student keeps more important layers than the teacher has",
+     lambda c: built(soft(c, student={"from_teacher": {"layers": 5, "select": "importance"}})),
+     r"layers must be between 1 and the teacher's 4 layers, got 5"),
+    ("student layer selection unknown", lambda c: built(soft(c, student={"from_teacher": {"layers": 2,
+                                                                                          "select": "best"}})),
+     r"student.from_teacher.select must be one of \('evenly', 'importance'\), got 'best'"),
+    ("student lists a teacher layer twice", lambda c: built(soft(c, student={"from_teacher": {"layers": [1, 1]}})),
+     r"student.from_teacher.layers lists a teacher layer twice: \[1, 1\]"),
+    ("student lists a layer the teacher lacks", lambda c: built(soft(c, student={"from_teacher": {"layers": [0, 4]}})),
+     r"student.from_teacher.layers must list teacher layer indices in \[0, 3\], got \[0, 4\]"),
     ("student folder missing", lambda c: built(soft(c, student="/no/such/student")),
      r"student='/no/such/student': no such folder"),
     ("student vocabulary differs (soft)", lambda c: built(soft(c, student=small_student(500))),
@@ -160,16 +185,6 @@ BAD_INPUTS = [
      r"prompt_tokens=40 is longer than the data's block_size=32"),
     ("hard prompt + new tokens past the positions",
      lambda c: fit(generating(c, prompt_tokens=8, max_new_tokens=600)),
-    ("student keeps more important layers than the teacher has",
-     lambda c: built(soft(c, student={"from_teacher": {"layers": 5, "select": "importance"}})),
-     r"layers must be between 1 and the teacher's 4 layers, got 5"),
-    ("student layer selection unknown", lambda c: built(soft(c, student={"from_teacher": {"layers": 2,
-                                                                                          "select": "best"}})),
-     r"student.from_teacher.select must be one of \('evenly', 'importance'\), got 'best'"),
-    ("student lists a teacher layer twice", lambda c: built(soft(c, student={"from_teacher": {"layers": [1, 1]}})),
-     r"student.from_teacher.layers lists a teacher layer twice: \[1, 1\]"),
-    ("student lists a layer the teacher lacks", lambda c: built(soft(c, student={"from_teacher": {"layers": [0, 4]}})),
-     r"student.from_teacher.layers must list teacher layer indices in \[0, 3\], got \[0, 4\]"),
      r"prompt_tokens \+ max_new_tokens = 608 is more than the models' 512 positions: use max_new_tokens <= 504"),
     ("labels folder missing", lambda c: fit(soft(c, labels="/no/such/store")),
      r"labels='/no/such/store' is not a label store \(no manifest.json\)"),

@@ -16,7 +16,6 @@ either frozen or trained alongside (CoDistill). It owns
 from __future__ import annotations
 
 import os
-import time
 import warnings
 from typing import Any
 
@@ -26,7 +25,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_distill import checkpoint as saved
-from lightning_distill import checks, chunked, generation, losses, optim, sharding
+from lightning_distill import checks, chunked, generation, losses, optim, placement, sharding, speedups
 from lightning_distill.accumulation import TokenWindow
 from lightning_distill.backbone import DEFAULT_TEACHER, as_dtype, load_tokenizer
 from lightning_distill.losses import IGNORE_INDEX, Divergence
@@ -35,6 +34,7 @@ from lightning_distill.modules import building
 from lightning_distill.signals import Distribution, LiveTeacher, TeacherHidden, TeacherSignal
 from lightning_distill.signals.sampled import greedy_scores
 from lightning_distill.sparse import SparseTargets
+from lightning_distill.throughput import Throughput
 
 # A frozen teacher is in eval mode on purpose; Lightning warns about eval-mode modules at fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -71,6 +71,9 @@ class DistillModule(L.LightningModule):
             ``eval_prompt_tokens`` greedily for this many tokens, and the live teacher scores them
             (``val/teacher_logprob``, ``val/on_policy_rkl``: what on-policy training optimizes); 0: off.
         eval_prompt_tokens: the prompt length of that metric.
+        compile_student: ``torch.compile`` the student's decoder (:mod:`lightning_distill.speedups`).
+        compile_teacher: ``torch.compile`` a frozen teacher's decoder.
+        liger_kernels: patch Liger Kernel's Llama kernels into both models (CUDA only; the ``bench`` extra).
     """
 
     #: CoDistill trains its teacher; the other methods keep it frozen.
@@ -91,6 +94,9 @@ class DistillModule(L.LightningModule):
         train_embeddings: bool = True,
         eval_new_tokens: int = 0,
         eval_prompt_tokens: int = 32,
+        compile_student: bool = False,
+        compile_teacher: bool = False,
+        liger_kernels: bool = False,
     ) -> None:
         super().__init__()
         student = {"from_teacher": {"layers": 6}} if student is None else student
@@ -101,10 +107,10 @@ class DistillModule(L.LightningModule):
         checks.integer("warmup_steps", warmup_steps, ">= 0", lambda v: v >= 0, "10")
         checks.number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1, "0.1")
         checks.integer("chunk_size", chunk_size, ">= 0 (0 disables chunking)", lambda v: v >= 0, "0")
-        if eval_new_tokens < 0 or eval_prompt_tokens < 1:
-            raise ValueError(f"eval_new_tokens must be >= 0 and eval_prompt_tokens >= 1, got {eval_new_tokens} and "
-                             f"{eval_prompt_tokens}")
+        checks.integer("eval_new_tokens", eval_new_tokens, ">= 0 (0 turns the metric off)", lambda v: v >= 0, "0")
+        checks.integer("eval_prompt_tokens", eval_prompt_tokens, ">= 1", lambda v: v >= 1, "32")
         as_dtype(teacher_dtype, "teacher_dtype")  # validates the name early
+        self.speedups = speedups.Speedups(compile_student, compile_teacher, liger_kernels, self.trains_teacher)
         if teacher_sharding not in sharding.TEACHER_SHARDING:
             raise ValueError(f"teacher_sharding must be one of {sharding.TEACHER_SHARDING}, got {teacher_sharding!r}")
         self.teacher_name = teacher
@@ -134,7 +140,6 @@ class DistillModule(L.LightningModule):
         self.teacher_missing: str | None = None  # why a checkpoint's live teacher could not be loaded
         self.val_metrics = ValidationMetrics()
         self.tokens = TokenWindow()
-        self._step_start = 0.0
 
     # ----------------------------------------------------------------------------------------------- models
     def needs_teacher(self) -> bool:
@@ -154,6 +159,12 @@ class DistillModule(L.LightningModule):
     def keep_models(self, student: PreTrainedModel, teacher: PreTrainedModel | None) -> None:
         """Hold the student and the teacher this run keeps (:func:`~lightning_distill.modules.building.keep`)."""
         building.keep(self, student, teacher)
+
+    def configure_callbacks(self) -> list[L.Callback]:
+        """Step throughput (:mod:`lightning_distill.throughput`); a CE-only run's teacher off the accelerator while
+        the student trains (:mod:`lightning_distill.placement`)."""
+        present = {type(c) for c in self._trainer.callbacks} if self._trainer is not None else set()
+        return [c() for c in (Throughput, placement.IdleTeacherOffload) if c not in present]  # once per Trainer
 
     def setup(self, stage: str) -> None:
         """Let the signal source open and check what it reads (a label store is checked against the data here)."""
@@ -245,19 +256,6 @@ class DistillModule(L.LightningModule):
         for name, value in parts.items():
             if name != "tokens":
                 self.log(f"train/{name}", value.detach().float(), prog_bar=name == "loss", batch_size=batch_size)
-
-    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
-        self._step_start = time.perf_counter()
-
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
-        elapsed = time.perf_counter() - self._step_start
-        tokens, size = batch["input_ids"].numel() * self.trainer.world_size, batch["input_ids"].shape[0]
-        self.log("train/tokens_per_sec", tokens / max(elapsed, 1e-9), batch_size=size)
-        generated = getattr(self.signal, "seconds", 0.0)
-        if generated:  # an on-policy step: the student's sampling speed and its share of the step
-            self.log("train/generated_tokens_per_sec", self.signal.generated / max(generated, 1e-9), batch_size=size)
-            self.log("train/generation_share", generated / max(elapsed, 1e-9), batch_size=size)
-            self.signal.seconds = 0.0
 
     # ---------------------------------------------------------------------------------------------- validation
     def validation_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:

@@ -57,13 +57,19 @@ def make_models(module: DistillModule) -> None:
 
 def keep(module: DistillModule, student: PreTrainedModel, teacher: PreTrainedModel | None) -> None:
     """Hold the student (embeddings frozen unless ``train_embeddings``) and the teacher this run keeps: trained
-    (CoDistill), or frozen in ``teacher_dtype`` and hidden from DDP."""
+    (CoDistill), or frozen in ``teacher_dtype`` and hidden from DDP; then compile or patch them as the module asks
+    (:class:`~lightning_distill.speedups.Speedups`)."""
     module.student = student
     if not module.train_embeddings:
         student.get_input_embeddings().requires_grad_(False)
         student.get_output_embeddings().requires_grad_(False)
-    if teacher is None:
-        return
+    if teacher is not None:
+        hold_teacher(module, teacher)
+    module.speedups.apply(module)
+
+
+def hold_teacher(module: DistillModule, teacher: PreTrainedModel) -> None:
+    """Hold ``teacher``: trained (CoDistill), or frozen in ``teacher_dtype`` and hidden from DDP."""
     module.teacher = teacher.train() if module.trains_teacher else freeze(teacher.to(as_dtype(module.teacher_dtype)))
     if not module.trains_teacher:  # DDP must neither broadcast nor all-reduce a frozen teacher
         module._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in teacher.named_parameters()]
