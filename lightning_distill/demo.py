@@ -1,9 +1,11 @@
 """The main job (``make demo``): distil the embedded teacher into a 6-layer student and print what it achieved.
 
-SmolLM2-135M-Instruct (30 layers) -> a depth-pruned 6-layer student (~49.5M parameters), trained with SoftDistill's
-default recipe on the built-in corpus (the Python documentation). The table compares the teacher, the student as
-pruned and the student after training, in domain (held-out Python docs) and out of domain (Shakespeare), then
-the student is exported as a Hugging Face folder.
+SmolLM2-135M-Instruct (30 layers) -> a depth-pruned 6-layer student (~49.5M parameters) keeping the 6 teacher layers
+of highest measured importance (:mod:`lightning_distill.pruning`; the recipe a sweep chose,
+``benchmarks/demo_recipe.py``), trained with SoftDistill's default loss on the built-in corpus (the Python
+documentation). The table compares the teacher, the student as pruned and the student after training, in domain
+(held-out Python docs) and out of domain (Shakespeare), with the student's perplexity as a multiple of the teacher's,
+then the student is exported as a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lightning-distill demo", description=__doc__.split("\n")[0])
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
     parser.add_argument("--layers", type=int, default=6, help="student layers kept from the teacher's 30")
+    parser.add_argument("--select", choices=("importance", "evenly"), default="importance",
+                        help="which teacher layers the student keeps (default: the most important ones)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split")
@@ -49,7 +53,7 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     device += ", bf16" if bf16_is_fast() else ", fp32"
     console.print(f"[bold]lightning-distill demo[/]: {args.teacher} -> {args.layers}-layer student, "
                   f"{args.steps} steps of {args.batch_size}x{args.block_size} tokens on {device}")
-    model = SoftDistill(teacher=args.teacher, student={"from_teacher": {"layers": args.layers}})
+    model = SoftDistill(teacher=args.teacher, student={"from_teacher": {"layers": args.layers, "select": args.select}})
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare",
                              block_size=args.block_size, batch_size=args.batch_size)
     precision = "bf16-mixed" if bf16_is_fast() else "32-true"
@@ -68,12 +72,13 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     fit_time = time.perf_counter() - fit_start
     after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
     exported = model.export(str(out / "student"))
-    report(console, before, after, fit_time, time.perf_counter() - start, exported, args)
+    kept = getattr(model.student.config, "distill_teacher_layers", None)
+    report(console, before, after, fit_time, time.perf_counter() - start, exported, args, kept)
     return {"before": before, "after": after}
 
 
 def report(console: Console, before: dict[str, float], after: dict[str, float], fit_time: float, total: float,
-           exported: str, args: argparse.Namespace) -> None:
+           exported: str, args: argparse.Namespace, kept: list[int] | None = None) -> None:
     table = Table(title="SoftDistill on the embedded default")
     for column in ("metric", "teacher", "student as pruned", "student distilled"):
         table.add_column(column, justify="right" if column != "metric" else "left")
@@ -84,9 +89,14 @@ def report(console: Console, before: dict[str, float], after: dict[str, float], 
     for label, teacher_key, student_key, fmt in rows:
         teacher = fmt.format(after[teacher_key]) if teacher_key else "-"
         table.add_row(label, teacher, fmt.format(before[student_key]), fmt.format(after[student_key]))
+    ratios = (("perplexity / teacher's, Python docs", "val"), ("perplexity / teacher's, Shakespeare", "val_ood"))
+    for label, prefix in ratios:
+        teacher, pruned, distilled = (d[f"{prefix}/{k}"] for d, k in ((after, "teacher_ppl"), (before, "ppl"),
+                                                                       (after, "ppl")))
+        table.add_row(label, "1x", f"{pruned / teacher:,.0f}x", f"{distilled / teacher:.2f}x")
     console.print(table)
-    console.print(f"training: {args.steps} steps and the final validation in {fit_time:.0f} s; "
-                  f"whole demo {total:.0f} s")
+    console.print(f"student: teacher layers {kept} kept ({args.select}); training: {args.steps} steps and the final "
+                  f"validation in {fit_time:.0f} s; whole demo {total:.0f} s")
     console.print(f"exported student: {exported} (AutoModelForCausalLM.from_pretrained loads it)")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -47,10 +48,13 @@ def test_export_rejects_foreign_checkpoint(tmp_path):
     assert result.returncode != 0 and "not written by a lightning_distill module" in result.stderr
 
 
-def test_demo_runs_end_to_end_on_a_tiny_teacher(tiny_teacher_dir, tmp_path, capsys):
+def test_demo_runs_end_to_end_on_a_tiny_teacher(tiny_teacher_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("COLUMNS", "200")  # rich wraps the table's rows to the terminal's width
     results = demo.main(["--teacher", tiny_teacher_dir, "--layers", "2", "--steps", "3", "--batch-size", "2",
                          "--block-size", "32", "--val-batches", "1", "--out", str(tmp_path / "demo")])
     printed = capsys.readouterr().out
     assert "student distilled" in printed and "exported student" in printed
+    assert "perplexity / teacher's, Shakespeare" in printed and "kept (importance)" in printed
     assert results["after"]["val/ppl"] > 0 and "val_ood/ppl" in results["after"]
-    assert (tmp_path / "demo" / "student" / "config.json").exists()
+    config = json.loads((tmp_path / "demo" / "student" / "config.json").read_text())
+    assert len(config["distill_teacher_layers"]) == 2  # the demo's student keeps the layers importance chose

@@ -1,0 +1,129 @@
+"""How the demo's recipe was chosen: the demo's run (teacher, data, 6-layer student, steps, batch, precision,
+validation) with candidate student layers, feature distillation and learning rates, each reported as the student's
+perplexity over the teacher's, in domain (held-out Python docs) and out of domain (Shakespeare).
+
+    python benchmarks/demo_recipe.py                       # every candidate: ~5 min each on 2 quiet CPU cores
+    python benchmarks/demo_recipe.py --only today,importance --steps 120
+    python benchmarks/demo_recipe.py --only today --steps 2 --val-batches 1 --out /tmp/demo_recipe   # a smoke run
+
+Every candidate runs the same steps as ``make demo`` (``lightning_distill.demo``): the layers a student keeps and
+the feature term hardly change the cost of a step, so equal steps are equal wall time to within what the table's
+wall-time column shows. Writes ``benchmarks/results/demo_recipe.{json,md}`` with the machine, versions, command and
+date.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+
+from lightning_distill.backbone import bf16_is_fast
+from lightning_distill.data import DistillDataModule
+from lightning_distill.modules import SoftDistill
+
+RESULTS = Path(__file__).parent / "results"
+EVENLY = {"from_teacher": {"layers": 6}}
+IMPORTANCE = {"from_teacher": {"layers": 6, "select": "importance"}}
+CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (student spec included)
+    "today": {"student": EVENLY},
+    "importance": {"student": IMPORTANCE},
+    "features": {"student": EVENLY, "feature_weight": 1.0},
+    "importance_features": {"student": IMPORTANCE, "feature_weight": 1.0},
+    "importance_lr2e-3": {"student": IMPORTANCE, "learning_rate": 2e-3},
+    "importance_features_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "learning_rate": 2e-3},
+}
+
+
+def run(name: str, kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """One candidate, set up as ``lightning_distill.demo.main`` sets up the demo: metrics before and after."""
+    L.seed_everything(0, verbose=False)
+    start = time.perf_counter()
+    model = SoftDistill(**kwargs)
+    data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
+                             batch_size=4)
+    data.set_tokenizer(model.tokenizer, model.max_positions)
+    data.prepare_data()
+    data.setup("fit")
+    epochs = math.ceil(args.steps / math.ceil(len(data.train_blocks) / 4))
+    precision = "bf16-mixed" if bf16_is_fast() else "32-true"
+    trainer = L.Trainer(max_steps=args.steps, max_epochs=epochs, precision=precision,
+                        limit_val_batches=args.val_batches, val_check_interval=args.steps,
+                        check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
+                        enable_model_summary=False, num_sanity_val_steps=0, enable_progress_bar=False,
+                        default_root_dir=str(Path(args.out).parent / "demo_recipe_runs" / name))
+    trainer.validate(model, data, verbose=False)
+    before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
+    fit_start = time.perf_counter()
+    trainer.fit(model, data)
+    fit_s = time.perf_counter() - fit_start
+    after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
+    layers = getattr(model.student.config, "distill_teacher_layers", None)
+    row = {"name": name, "kwargs": kwargs, "teacher_layers": layers, "before": before, "after": after,
+           "fit_s": fit_s, "total_s": time.perf_counter() - start,
+           "ratio": after["val/ppl"] / after["val/teacher_ppl"],
+           "ratio_ood": after["val_ood/ppl"] / after["val_ood/teacher_ppl"]}
+    print(f"[demo_recipe] {name}: layers {layers}, ppl {after['val/ppl']:.1f} ({row['ratio']:.2f}x teacher), "
+          f"Shakespeare {after['val_ood/ppl']:.1f} ({row['ratio_ood']:.2f}x), fit {fit_s:.0f} s", flush=True)
+    return row
+
+
+def markdown(report: dict[str, Any]) -> str:
+    rows = report["rows"]
+    teacher = rows[0]["after"]
+    lines = [f"Measured by `{report['command']}` on {report['date']}: {report['machine']}.", "",
+             f"The demo's run ({report['steps']} steps of 4 x 128 tokens, SoftDistill's loss, "
+             f"{report['precision']}) per candidate; teacher perplexity {teacher['val/teacher_ppl']:.1f} in domain, "
+             f"{teacher['val_ood/teacher_ppl']:.1f} on Shakespeare. Ratio: student perplexity / teacher's.", "",
+             "| candidate | teacher layers kept | ppl as pruned | ppl in domain | ratio | ppl Shakespeare | ratio "
+             "| top-1 agreement | KL | fit wall time |",
+             "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        a = r["after"]
+        lines.append(f"| {r['name']} | {r['teacher_layers']} | {r['before']['val/ppl']:.3g} | {a['val/ppl']:.1f} | "
+                     f"{r['ratio']:.2f}x | {a['val_ood/ppl']:.1f} | {r['ratio_ood']:.2f}x | "
+                     f"{a['val/agreement']:.3f} | {a['val/kl']:.3f} | {r['fit_s']:.0f} s |")
+    lines += ["", "Arguments per candidate: " + "; ".join(f"`{r['name']}`: `{json.dumps(r['kwargs'])}`"
+                                                          for r in rows)]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidate names")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps (the demo's 120)")
+    parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split (the demo's 8)")
+    parser.add_argument("--out", default=str(RESULTS / "demo_recipe"), help="OUT.json and OUT.md are written")
+    args = parser.parse_args(argv)
+    names = args.only.split(",")
+    unknown = sorted(set(names) - set(CANDIDATES))
+    if unknown:
+        parser.error(f"--only: unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
+    load_before = os.getloadavg()
+    rows = [run(name, CANDIDATES[name], args) for name in names]
+    versions = {p: __import__(p).__version__ for p in ("torch", "transformers", "lightning")}
+    report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                         + ", ".join(f"{k} {v}" for k, v in versions.items())
+                         + ", load average (1, 5, 15 min) {:.1f}, {:.1f}, {:.1f} before, {:.1f}, {:.1f}, {:.1f} after"
+                           .format(*load_before, *os.getloadavg()),
+              "steps": args.steps, "precision": "bf16-mixed" if bf16_is_fast() else "32-true", "rows": rows}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+    out.with_suffix(".md").write_text(markdown(report))
+    print(markdown(report))
+
+
+if __name__ == "__main__":
+    main()
