@@ -109,19 +109,21 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"--only: unknown candidates {unknown}; known: {sorted(CANDIDATES)}")
     load_before = os.getloadavg()
-    rows = [run(name, CANDIDATES[name], args) for name in names]
     versions = {p: __import__(p).__version__ for p in ("torch", "transformers", "lightning")}
-    report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
-              "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-              "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
-                         + ", ".join(f"{k} {v}" for k, v in versions.items())
-                         + ", load average (1, 5, 15 min) {:.1f}, {:.1f}, {:.1f} before, {:.1f}, {:.1f}, {:.1f} after"
-                           .format(*load_before, *os.getloadavg()),
-              "steps": args.steps, "precision": "bf16-mixed" if bf16_is_fast() else "32-true", "rows": rows}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(report, indent=1))
-    out.with_suffix(".md").write_text(markdown(report))
+    rows: list[dict[str, Any]] = []
+    for name in names:  # the files are rewritten after each candidate: an interrupted sweep keeps what finished
+        rows.append(run(name, CANDIDATES[name], args))
+        report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+                  "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+                  "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
+                             + ", ".join(f"{k} {v}" for k, v in versions.items())
+                             + ", load average (1, 5, 15 min) {:.1f}, {:.1f}, {:.1f} before, {:.1f}, {:.1f}, {:.1f} now"
+                               .format(*load_before, *os.getloadavg()),
+                  "steps": args.steps, "precision": "bf16-mixed" if bf16_is_fast() else "32-true", "rows": rows}
+        out.with_suffix(".json").write_text(json.dumps(report, indent=1))
+        out.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))
 
 
