@@ -150,9 +150,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     by = {(r["name"], r.get("chunk_size")): r for r in rows if "seconds" in r}
     out = []
 
-    def add(what: str, chunk: int | None, top: str, bottom: list[str], target: str = "",
-            chunks: tuple[Any, ...] | None = None) -> None:
-        a = by.get((top, chunk))
+    def add(what: str, chunk: int | str | None, top: str, bottom: list[str], target: str = "",
+            chunks: tuple[Any, ...] | None = None, top_chunk: int | None = None) -> None:
+        a = by.get((top, chunk if top_chunk is None else top_chunk))
         b = [by.get((name, c)) for name, c in zip(bottom, chunks or [chunk] * len(bottom), strict=True)]
         if a is None or None in b:
             return
@@ -171,10 +171,25 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 (chunk, None))
         add("online KD / TRL GKDTrainer", chunk, "online KD", ["TRL GKDTrainer"], chunks=(None,))
         add("CE only / TRL SFTTrainer", chunk, "CE only", ["TRL SFTTrainer"], chunks=(None,))
+    if rows:  # the modules' default (chunk_size=None): each row at the chunk size it picks on this device
+        pick = {name: default_chunk(name, rows[0]["device"]) for name in ("CE only", "online KD", "stored-label KD")}
+        add("stored-label KD / CE only", "default", "stored-label KD", ["CE only"], "time <= 1.05 (CPU)",
+            (pick["CE only"],), pick["stored-label KD"])
+        add("online KD / (CE only + teacher forward to hidden states)", "default", "online KD",
+            ["CE only", "teacher forward (hidden states)"], "time <= 1.1 (CPU)", (pick["CE only"], None),
+            pick["online KD"])
+        add("online KD / TRL GKDTrainer", "default", "online KD", ["TRL GKDTrainer"], chunks=(None,),
+            top_chunk=pick["online KD"])
     for name in ("CE only", "online KD"):
         for variant in ("compiled student", "Liger kernels"):
             add(f"{name}, {variant} / {name}", CHUNK, f"{name}, {variant}", [name])
     return out
+
+
+def default_chunk(name: str, device: str) -> int:
+    """The chunk size a row's module picks with ``chunk_size=None`` (``DistillModule.loss_chunk_size``): chunks
+    for a live teacher's hidden states (online KD) and on CUDA, one pass otherwise."""
+    return CHUNK if name == "online KD" or device == "cuda" else 0
 
 
 def markdown(report: dict[str, Any]) -> list[str]:

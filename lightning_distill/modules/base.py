@@ -4,8 +4,8 @@ The module is a system wiring two models (Lightning's style guide): a trainable 
 either frozen or trained alongside (CoDistill). It owns
 
 - building both in an idempotent :meth:`configure_model` (so FSDP/DeepSpeed can shard them);
-- a frozen teacher's hygiene: ``eval()``, ``requires_grad=False``, ``no_grad``, its own dtype, never in the optimizer,
-  never in a checkpoint (stripped on save, reloaded by name on load), ignored by DDP;
+- a frozen teacher's hygiene: ``eval()``, ``requires_grad=False``, ``no_grad``, its own dtype, never in the optimizer
+  or a checkpoint (stripped on save, reloaded by name on load), ignored by DDP;
 - the teacher's signal, asked of one source (:attr:`signal`, :mod:`lightning_distill.signals`): a live teacher,
   a label store, or a trained teacher; a method never opens a store itself;
 - the one place where the student's hidden states meet its output head and the loss (:meth:`student_loss`);
@@ -62,7 +62,8 @@ class DistillModule(L.LightningModule):
         warmup_steps: linear warmup steps, then cosine decay to ``min_lr_ratio * learning_rate`` at the last step.
         min_lr_ratio: final learning rate as a fraction of the peak, in [0, 1].
         chunk_size: compute the loss from hidden states in chunks of this many positions (0: all at once), never
-            holding the (B, T, V) logits (:mod:`lightning_distill.chunked`).
+            holding the (B, T, V) logits (:mod:`lightning_distill.chunked`). ``None`` (default): the path measured
+            fastest (:meth:`loss_chunk_size`).
         tokenizer: model name whose tokenizer to use; default the teacher's (or the student's when it is a name
             and there is no teacher).
         train_embeddings: train the student's token embeddings and output head (tied in SmolLM2). ``False``
@@ -89,7 +90,7 @@ class DistillModule(L.LightningModule):
         weight_decay: float = 0.0,
         warmup_steps: int = 10,
         min_lr_ratio: float = 0.1,
-        chunk_size: int = 0,
+        chunk_size: int | None = None,
         tokenizer: str | None = None,
         train_embeddings: bool = True,
         eval_new_tokens: int = 0,
@@ -106,7 +107,8 @@ class DistillModule(L.LightningModule):
         checks.number("weight_decay", weight_decay, ">= 0", lambda v: v >= 0, "0.0")
         checks.integer("warmup_steps", warmup_steps, ">= 0", lambda v: v >= 0, "10")
         checks.number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1, "0.1")
-        checks.integer("chunk_size", chunk_size, ">= 0 (0 disables chunking)", lambda v: v >= 0, "0")
+        if chunk_size is not None:  # None: the measured default
+            checks.integer("chunk_size", chunk_size, ">= 0 (0 disables chunking)", lambda v: v >= 0, "256")
         checks.integer("eval_new_tokens", eval_new_tokens, ">= 0 (0 turns the metric off)", lambda v: v >= 0, "0")
         checks.integer("eval_prompt_tokens", eval_prompt_tokens, ">= 1", lambda v: v >= 1, "32")
         as_dtype(teacher_dtype, "teacher_dtype")  # validates the name early
@@ -147,8 +149,7 @@ class DistillModule(L.LightningModule):
         return self.teacher_name is not None and self.signal.needs_teacher
 
     def configure_model(self) -> None:
-        """Build the models (:meth:`make_models`), then lay them out for FSDP when the Trainer's strategy shards
-        (:func:`lightning_distill.sharding.prepare`); idempotent, as Lightning asks."""
+        """Build the models, then lay them out for FSDP (:func:`~lightning_distill.sharding.prepare`); idempotent."""
         self.make_models()
         sharding.prepare(self)
 
@@ -161,8 +162,7 @@ class DistillModule(L.LightningModule):
         building.keep(self, student, teacher)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Step throughput (:mod:`lightning_distill.throughput`); a CE-only run's teacher off the accelerator while
-        the student trains (:mod:`lightning_distill.placement`)."""
+        """Step throughput (:mod:`~lightning_distill.throughput`), a CE-only run's teacher offload (placement)."""
         present = {type(c) for c in self._trainer.callbacks} if self._trainer is not None else set()
         return [c() for c in (Throughput, placement.IdleTeacherOffload) if c not in present]  # once per Trainer
 
@@ -181,8 +181,7 @@ class DistillModule(L.LightningModule):
 
     @property
     def max_positions(self) -> int | None:
-        """Longest sequence the models take (the data module checks ``block_size`` against it), known before the
-        weights are loaded (:func:`lightning_distill.modules.building.max_positions`)."""
+        """Longest sequence the models take, known before the weights load (the data module checks block_size)."""
         return building.max_positions(self)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
@@ -232,17 +231,26 @@ class DistillModule(L.LightningModule):
         teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
         head = self.student.get_output_embeddings()
         kwargs = {"divergence": divergence, "ce_weight": ce_weight, "temperature": temperature}
-        if self.chunk_size == 0:
+        chunk_size = self.loss_chunk_size(teacher, hidden.device)
+        if chunk_size == 0:
             teacher = teacher.logits() if isinstance(teacher, TeacherHidden) else teacher
             out = losses.distill_loss(head(hidden), teacher, labels, **kwargs)  # logits (B, T-1, V)
         elif isinstance(teacher, TeacherHidden):
-            out = chunked.chunked_distill_loss(hidden, head, None, labels, chunk_size=self.chunk_size,
+            out = chunked.chunked_distill_loss(hidden, head, None, labels, chunk_size=chunk_size,
                                                teacher_hidden=teacher.hidden, teacher_head=teacher.head, **kwargs)
         else:
             tail = {"tail": teacher.tail} if isinstance(teacher, SparseTargets) else {}
-            out = chunked.chunked_distill_loss(hidden, head, teacher, labels, chunk_size=self.chunk_size, **kwargs,
+            out = chunked.chunked_distill_loss(hidden, head, teacher, labels, chunk_size=chunk_size, **kwargs,
                                                **tail)
         return {**out, "tokens": tokens}
+
+    def loss_chunk_size(self, teacher: Distribution | None, device: torch.device) -> int:
+        """``chunk_size`` when set, else the path ``benchmarks/speed.py`` measured fastest: chunks of
+        :data:`~lightning_distill.chunked.DEFAULT_CHUNK_SIZE` for a teacher's hidden states (its logits never made)
+        and on CUDA; 0 (one pass over the logits) for the rest on CPU."""
+        if self.chunk_size is not None:
+            return self.chunk_size
+        return chunked.DEFAULT_CHUNK_SIZE if isinstance(teacher, TeacherHidden) or device.type == "cuda" else 0
 
     def backward_loss(self, loss: Tensor, tokens: Tensor) -> Tensor:
         """The value to backpropagate so that the accumulated gradient is token-exact (see :class:`TokenWindow`)."""
@@ -302,13 +310,11 @@ class DistillModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep a frozen teacher out of the checkpoint, and what makes it self-contained in
-        (:func:`lightning_distill.checkpoint.write`)."""
+        """A frozen teacher out of the checkpoint, what makes it self-contained in (:func:`~.checkpoint.write`)."""
         saved.write(self, checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Put a frozen teacher's weights back for strict loading; restore the signal and random state
-        (:func:`lightning_distill.checkpoint.load`)."""
+        """A frozen teacher's weights back for strict loading; signal and random state (:func:`~.checkpoint.load`)."""
         saved.load(self, checkpoint)
 
     @classmethod

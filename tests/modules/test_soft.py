@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
-from lightning_distill import SoftDistill, losses, sparse
+from lightning_distill import SoftDistill, chunked, losses, sparse
 from lightning_distill.modules import building
+from lightning_distill.signals import TeacherHidden
 
 
 @pytest.mark.parametrize("loss", sorted(losses.DIVERGENCES))
@@ -50,6 +51,29 @@ def test_chunked_loss_matches_unchunked(tiny_teacher_dir):
     for key in ("loss", "kd", "ce"):
         torch.testing.assert_close(results[0][0][key], results[1][0][key])
     torch.testing.assert_close(results[0][1], results[1][1])
+
+
+def test_default_chunking_never_makes_the_live_teachers_logits(tiny_teacher_dir, monkeypatch):
+    """chunk_size=None: a live teacher's hidden states go through the fused chunks (its (B, T, V) logits are never
+    made), equal to the unchunked loss; CE-only, stored and given logits take one pass on CPU, chunks on CUDA."""
+    torch.manual_seed(0)
+    ids = torch.randint(0, 300, (2, 24))
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=0.3)
+    model.configure_model()
+    teacher = model.signal.distribution(model, {"input_ids": ids})
+    assert isinstance(teacher, TeacherHidden)
+    explicit = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, chunk_size=0, ce_weight=0.3)
+    explicit.student, explicit.teacher = model.student, model.teacher
+    expected = explicit.student_loss(ids, ids, teacher, ce_weight=0.3)
+    monkeypatch.setattr(TeacherHidden, "logits", lambda self: pytest.fail("the teacher's full logits were made"))
+    parts = model.student_loss(ids, ids, teacher, ce_weight=0.3)
+    for key in ("loss", "kd", "ce"):
+        torch.testing.assert_close(parts[key], expected[key])
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert model.loss_chunk_size(teacher, cpu) == chunked.DEFAULT_CHUNK_SIZE
+    assert model.loss_chunk_size(None, cpu) == model.loss_chunk_size(torch.zeros(1), cpu) == 0
+    assert model.loss_chunk_size(None, cuda) == chunked.DEFAULT_CHUNK_SIZE
+    assert explicit.loss_chunk_size(teacher, cuda) == 0
 
 
 def test_ce_only_ignores_the_teacher(tiny_teacher_dir):
