@@ -8,12 +8,13 @@ the attention mask and position ids a padded sequence needs.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from torch import Tensor
 from transformers import PreTrainedTokenizerBase
+
+from lightning_distill import files
 
 
 class PromptFile:
@@ -36,10 +37,7 @@ class PromptFile:
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"prompts={path!r}, line {number}: not valid JSON ({error})") from None
+            record = files.json_record(line, f"prompts={path!r}, line {number}")
             if isinstance(record, dict) and isinstance(record.get("messages"), list):
                 if tokenizer.chat_template is None:
                     raise ValueError(f"prompts={path!r}, line {number}: chat messages, but the tokenizer has no chat "

@@ -16,11 +16,12 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+from lightning_distill import files
 
 BUILTIN_CORPORA = ("builtin:python-docs", "builtin:shakespeare")
 SHAKESPEARE = Path(__file__).parent.parent / "assets" / "shakespeare.txt"
@@ -119,21 +120,9 @@ def read_text(path: Path) -> str:
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
-    texts = []
     with path.open(encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({error})") from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                found = sorted(record) if isinstance(record, dict) else type(record).__name__
-                raise ValueError(f"{path}, line {number}: no string field text_field={text_field!r} (found "
-                                 f"{found}); set text_field to the field holding the text")
-            texts.append(record[text_field])
-    return texts
+        numbered = [(f"{path}, line {number}", line) for number, line in enumerate(lines, start=1) if line.strip()]
+    return [files.record_text(files.json_record(line, where), text_field, where) for where, line in numbered]
 
 
 def _read_hf(where: str, text_field: str) -> list[str]:

@@ -7,13 +7,13 @@ not change the token stream (:mod:`lightning_distill.data.prepare`).
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from lightning_distill import files
 from lightning_distill.data.sources import SHAKESPEARE, read_text
 
 UNIT_BYTES = 8 * 2**20  # most bytes of a JSONL file per work unit (fewer for small corpora: 4 units per worker)
@@ -98,14 +98,7 @@ def jsonl_lines(unit: WorkUnit, keep: Callable[[int], bool]) -> Iterator[tuple[i
 
 
 def jsonl_text(line: bytes, text_field: str, where: str, offset: int) -> str:
-    try:
-        record = json.loads(line)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"{where}, byte {offset}: not valid JSON ({error})") from None
-    if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-        raise ValueError(f"{where}, byte {offset}: no string field text_field={text_field!r}; set text_field to the "
-                         "field holding the text")
-    return record[text_field]
+    return files.record_text(files.json_record(line, f"{where}, byte {offset}"), text_field, f"{where}, byte {offset}")
 
 
 HF_CACHE: dict[str, Any] = {}
