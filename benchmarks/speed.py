@@ -27,7 +27,8 @@ process (user + system, all threads), steadier than wall time on shared cores. M
 in its own fresh process, where the kernel's peak-RSS mark (VmHWM) is reset once the inputs exist (and after a
 warm-up call for compiled rows, whose compiler is not counted); the peak above the RSS before the call counts
 everything the op touches (logits, softmax buffers, the head's (V, H) gradient). On CUDA:
-``torch.cuda.max_memory_allocated`` above the allocated memory before the call. Writes
+``torch.cuda.max_memory_allocated`` above the allocated memory before the call. On CPU every row's process keeps
+freed memory for reuse (:mod:`lightning_distill.cpu_memory`), as our modules do in training. Writes
 ``benchmarks/results/speed.json`` and ``speed.md``, with the whole-training-step table and its ratios.
 
 When other jobs share the cores, an OpenMP thread that finishes a parallel region first spins (libgomp's default
@@ -62,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from step_worker import proc_status
 
-from lightning_distill import chunked, losses
+from lightning_distill import chunked, cpu_memory, losses
 
 RESULTS = Path(__file__).parent / "results"
 CPU_SHAPES = [{"shape": "smollm2", "vocab": 49152, "rows": 4096, "hidden": 576, "teacher_hidden": 576}]
@@ -331,6 +332,10 @@ def main(argv: list[str]) -> None:
         first = job["row"][0] if isinstance(job["row"], list) else job["row"]
         if first["threads"]:
             torch.set_num_threads(first["threads"])
+        if first.get("malloc_as_is"):  # glibc's malloc left as it is, in our modules too
+            os.environ[cpu_memory.ENV] = "0"
+        elif first.get("device", "cpu") == "cpu":  # every row alike (ours, the naive loss, the teacher, TRL)
+            cpu_memory.reuse_freed_memory()
         tasks = {"cpu_peak": cpu_peak, "time_group": time_group}
         task = tasks.get(job["task"], lambda row: step_worker.work(job["task"], row))
         print(json.dumps(task(job["row"])))

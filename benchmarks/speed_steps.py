@@ -9,6 +9,9 @@ Rows (each measured in a fresh process by ``benchmarks/step_worker.py``; seconds
   a top-32 store written first by :class:`~lightning_distill.store.LabelWriter`, as ``lightning-distill predict``
   does); with ``compile_student`` at :data:`CHUNK` (the first steps compile: one more warm-up step); with
   ``liger_kernels`` on CUDA when ``liger_kernel`` is installed;
+- on CPU, ``CE only`` and ``online KD`` at the modules' default chunk size once more with glibc's ``malloc`` left as
+  it is (``LIGHTNING_DISTILL_REUSE_MEMORY=0``): every other row, ours, the teacher's and TRL's alike, runs in a process
+  that keeps freed memory for reuse (:mod:`lightning_distill.cpu_memory`, what our modules do on CPU);
 - ``teacher forward``: the frozen teacher alone under ``no_grad``, to its final hidden states (what online KD adds
   to a CE step besides the loss head), and with its logits (B, T, V);
 - TRL (``pip install 'lightning-distill[bench]'``): ``GKDTrainer`` (off-policy ``lmbda=0``, forward KL ``beta=0``)
@@ -115,6 +118,9 @@ def plan(base: dict[str, Any], store: str, device: str) -> list[dict[str, Any]]:
     rows += [{**base, "kind": "ours", "name": f"{name}, compiled student", "chunk_size": CHUNK,
               "module": {**ours[name], "compile_student": True}, "warmup": base["warmup"] + 1}
              for name in ("CE only", "online KD")]
+    if device == "cpu":  # every other row keeps freed memory for reuse (lightning_distill.cpu_memory)
+        rows += [{**base, "kind": "ours", "name": f"{name}, malloc as is", "module": ours[name], "malloc_as_is": True,
+                  "chunk_size": default_chunk(name, device)} for name in ("CE only", "online KD")]
     liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     if liger:
         rows += [{**base, "kind": "ours", "name": f"{name}, Liger kernels", "chunk_size": CHUNK,
@@ -183,6 +189,9 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for name in ("CE only", "online KD"):
         for variant in ("compiled student", "Liger kernels"):
             add(f"{name}, {variant} / {name}", CHUNK, f"{name}, {variant}", [name])
+        if rows:
+            chunk = default_chunk(name, rows[0]["device"])
+            add(f"{name} / {name}, malloc as is", chunk, name, [f"{name}, malloc as is"])
     return out
 
 

@@ -25,7 +25,7 @@ from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from lightning_distill import checkpoint as saved
-from lightning_distill import checks, chunked, generation, losses, optim, placement, sharding, speedups
+from lightning_distill import checks, chunked, cpu_memory, generation, losses, optim, placement, sharding, speedups
 from lightning_distill.accumulation import TokenWindow
 from lightning_distill.backbone import DEFAULT_TEACHER, as_dtype, load_tokenizer
 from lightning_distill.losses import IGNORE_INDEX, Divergence
@@ -162,9 +162,10 @@ class DistillModule(L.LightningModule):
         building.keep(self, student, teacher)
 
     def configure_callbacks(self) -> list[L.Callback]:
-        """Step throughput (:mod:`~lightning_distill.throughput`), a CE-only run's teacher offload (placement)."""
+        """Step throughput (:mod:`~.throughput`), a CE-only run's teacher offload (placement), CPU memory reuse."""
         present = {type(c) for c in self._trainer.callbacks} if self._trainer is not None else set()
-        return [c() for c in (Throughput, placement.IdleTeacherOffload) if c not in present]  # once per Trainer
+        callbacks = (Throughput, placement.IdleTeacherOffload, cpu_memory.ReuseFreedMemory)
+        return [c() for c in callbacks if c not in present]  # once per Trainer
 
     def setup(self, stage: str) -> None:
         """Let the signal source open and check what it reads (a label store is checked against the data here)."""
