@@ -2,14 +2,15 @@
 validation) with candidate student layers, feature distillation and learning rates, each reported as the student's
 perplexity over the teacher's, in domain (held-out Python docs) and out of domain (Shakespeare).
 
-    python benchmarks/demo_recipe.py                       # every candidate: ~5 min each on 2 quiet CPU cores
+    python benchmarks/demo_recipe.py                       # every candidate: ~2.5 min each on 2 quiet CPU cores
     python benchmarks/demo_recipe.py --only today,importance --steps 120
     python benchmarks/demo_recipe.py --only today --steps 2 --val-batches 1 --out /tmp/demo_recipe   # a smoke run
 
 Every candidate runs the steps of ``make demo`` (``lightning_distill.demo``), except the ``*_160steps`` ones, which
 ask whether more steps fit the demo's earlier wall time now that steps are faster: the layers a student keeps and
-the feature term hardly change the cost of a step, so the table's fit wall-time column compares them. Writes ``benchmarks/results/demo_recipe.{json,md}`` with the machine, versions, command and
-date.
+the feature term hardly change the cost of a step, so the table's fit wall-time column compares them. Writes
+``benchmarks/results/demo_recipe.{json,md}`` with the machine, versions, command and date; ``--keep`` keeps the rows
+of an earlier run whose candidates are not run again (a sweep in parts).
 """
 
 from __future__ import annotations
@@ -41,6 +42,12 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (stud
     "importance_features": {"student": IMPORTANCE, "feature_weight": 1.0},
     "importance_lr2e-3": {"student": IMPORTANCE, "learning_rate": 2e-3},
     "importance_features_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "learning_rate": 2e-3},
+    "importance_pure_kl": {"student": IMPORTANCE, "ce_weight": 0.0},
+    "importance_features_pure_kl": {"student": IMPORTANCE, "feature_weight": 1.0, "ce_weight": 0.0},
+    "importance_features_pure_kl_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "ce_weight": 0.0,
+                                           "learning_rate": 2e-3},
+    "importance_features_ce0.25_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "ce_weight": 0.25,
+                                          "learning_rate": 2e-3},
     "importance_160steps": {"student": IMPORTANCE, "steps": 160},
     "importance_features_160steps": {"student": IMPORTANCE, "feature_weight": 1.0, "steps": 160},
 }
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=120, help="optimizer steps (the demo's 120)")
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split (the demo's 8)")
     parser.add_argument("--out", default=str(RESULTS / "demo_recipe"), help="OUT.json and OUT.md are written")
+    parser.add_argument("--keep", action="store_true",
+                        help="keep the rows of OUT.json whose candidates are not run now (a sweep in parts)")
     args = parser.parse_args(argv)
     names = args.only.split(",")
     unknown = sorted(set(names) - set(CANDIDATES))
@@ -117,10 +126,15 @@ def main(argv: list[str] | None = None) -> None:
     versions = {p: __import__(p).__version__ for p in ("torch", "transformers", "lightning")}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    rows: list[dict[str, Any]] = []
+    earlier = json.loads(out.with_suffix(".json").read_text()) if args.keep and out.with_suffix(".json").exists() \
+        else {"rows": []}
+    rows: list[dict[str, Any]] = [row for row in earlier["rows"] if row["name"] not in names]
+    command = "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]])
+    if rows:  # the earlier part's command too
+        command = f"{earlier['command']}`, then `{command}"
     for name in names:  # the files are rewritten after each candidate: an interrupted sweep keeps what finished
         rows.append(run(name, CANDIDATES[name], args))
-        report = {"command": "python " + " ".join([os.path.relpath(sys.argv[0]), *sys.argv[1:]]),
+        report = {"command": command,
                   "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
                   "machine": f"{platform.machine()}, {os.cpu_count()} CPU cores, "
                              + ", ".join(f"{k} {v}" for k, v in versions.items())
