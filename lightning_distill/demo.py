@@ -1,11 +1,12 @@
 """The main job (``make demo``): distil the embedded teacher into a 6-layer student and print what it achieved.
 
 SmolLM2-135M-Instruct (30 layers) -> a depth-pruned 6-layer student (~49.5M parameters) keeping the 6 teacher layers
-of highest measured importance (:mod:`lightning_distill.pruning`; the recipe a sweep chose,
-``benchmarks/demo_recipe.py``), trained with SoftDistill's default loss on the built-in corpus (the Python
-documentation). The table compares the teacher, the student as pruned and the student after training, in domain
-(held-out Python docs) and out of domain (Shakespeare), with the student's perplexity as a multiple of the teacher's,
-then the student is exported as a Hugging Face folder.
+of highest measured importance (:mod:`lightning_distill.pruning`), trained with SoftDistill's forward KL and CE plus
+the feature term, at the weights and learning rate a measured sweep chose (:data:`RECIPE`,
+``benchmarks/demo_recipe.py``), on the built-in corpus (the Python documentation). The table compares the teacher,
+the student as pruned and the student after training, in domain (held-out Python docs) and out of domain
+(Shakespeare), with the student's perplexity as a multiple of the teacher's, then the student is exported as a
+Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ from lightning_distill.backbone import bf16_is_fast
 from lightning_distill.data import DistillDataModule
 from lightning_distill.modules import SoftDistill
 
+RECIPE = {"learning_rate": 2e-3, "ce_weight": 0.25, "feature_weight": 1.0}
+"""The SoftDistill arguments a measured sweep chose for the demo (``benchmarks/results/demo_recipe.md``)."""
+
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lightning-distill demo", description=__doc__.split("\n")[0])
@@ -31,6 +35,11 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--layers", type=int, default=6, help="student layers kept from the teacher's 30")
     parser.add_argument("--select", choices=("importance", "evenly"), default="importance",
                         help="which teacher layers the student keeps (default: the most important ones)")
+    parser.add_argument("--learning-rate", type=float, default=RECIPE["learning_rate"], help="peak learning rate")
+    parser.add_argument("--ce-weight", type=float, default=RECIPE["ce_weight"],
+                        help="weight of CE on the real text against the KL term")
+    parser.add_argument("--feature-weight", type=float, default=RECIPE["feature_weight"],
+                        help="weight of the feature term (each student layer's states matched to its teacher layer's)")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split")
@@ -53,7 +62,8 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     device += ", bf16" if bf16_is_fast() else ", fp32"
     console.print(f"[bold]lightning-distill demo[/]: {args.teacher} -> {args.layers}-layer student, "
                   f"{args.steps} steps of {args.batch_size}x{args.block_size} tokens on {device}")
-    model = SoftDistill(teacher=args.teacher, student={"from_teacher": {"layers": args.layers, "select": args.select}})
+    model = SoftDistill(teacher=args.teacher, student={"from_teacher": {"layers": args.layers, "select": args.select}},
+                        learning_rate=args.learning_rate, ce_weight=args.ce_weight, feature_weight=args.feature_weight)
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare",
                              block_size=args.block_size, batch_size=args.batch_size)
     precision = "bf16-mixed" if bf16_is_fast() else "32-true"
@@ -95,8 +105,10 @@ def report(console: Console, before: dict[str, float], after: dict[str, float], 
                                                                        (after, "ppl")))
         table.add_row(label, "1x", f"{pruned / teacher:,.0f}x", f"{distilled / teacher:.2f}x")
     console.print(table)
-    console.print(f"student: teacher layers {kept} kept ({args.select}); training: {args.steps} steps and the final "
-                  f"validation in {fit_time:.0f} s; whole demo {total:.0f} s")
+    console.print(f"student: teacher layers {kept} kept ({args.select}); loss: forward KL, CE weight {args.ce_weight}, "
+                  f"feature weight {args.feature_weight}; lr {args.learning_rate:g}")
+    console.print(f"training: {args.steps} steps and the final validation in {fit_time:.0f} s; whole demo "
+                  f"{total:.0f} s")
     console.print(f"exported student: {exported} (AutoModelForCausalLM.from_pretrained loads it)")
 
 
