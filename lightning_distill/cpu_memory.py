@@ -10,8 +10,8 @@ no ``mmap`` for large blocks (``M_MMAP_MAX = 0``: they come from the heap, where
 trimming of the heap's free top below 1 GiB (``M_TRIM_THRESHOLD``).
 
 :class:`ReuseFreedMemory`, which every method adds to its Trainer
-(:meth:`~lightning_distill.modules.base.DistillModule.configure_callbacks`), makes these calls when a fit starts on
-the CPU (measured by ``benchmarks/speed.py``, see the README's performance section). They are process-wide and
+(:meth:`~lightning_distill.modules.base.DistillModule.configure_callbacks`), makes these calls when a Trainer on the
+CPU sets up (measured by ``benchmarks/speed.py``, see the README's performance section). They are process-wide and
 stay for the rest of the process: the resident memory then stays at its peak between steps rather than returning to
 the kernel. ``LIGHTNING_DISTILL_REUSE_MEMORY=0`` in the environment leaves ``malloc`` as it is; without glibc
 (macOS, Windows, musl) nothing changes.
@@ -57,9 +57,9 @@ def reuse_freed_memory() -> bool:
 
 
 class ReuseFreedMemory(L.Callback):
-    """Calls :func:`reuse_freed_memory` when a fit starts with the module on the CPU."""
+    """Calls :func:`reuse_freed_memory` when a Trainer on the CPU sets up (fit, validate, test or predict)."""
 
-    def on_fit_start(self, trainer: L.Trainer, pl_module: DistillModule) -> None:
-        if pl_module.device.type == "cpu" and not _STATE.get("applied") and reuse_freed_memory():
-            rank_zero_info(f"[lightning_distill] CPU training: freed memory is kept for reuse (glibc mallopt; "
-                           f"{ENV}=0 turns this off)")
+    def setup(self, trainer: L.Trainer, pl_module: DistillModule, stage: str) -> None:
+        if trainer.strategy.root_device.type == "cpu" and not _STATE.get("applied") and reuse_freed_memory():
+            rank_zero_info(f"[lightning_distill] on CPU, freed memory is kept for reuse (glibc mallopt; {ENV}=0 "
+                           "turns this off)")

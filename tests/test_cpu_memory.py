@@ -43,12 +43,15 @@ def test_the_environment_turns_it_off():
     assert probe("on", LIGHTNING_DISTILL_REUSE_MEMORY="0")["applied"] is False
 
 
-def test_the_callback_is_added_once(tiny_teacher_dir, tmp_path):
+def test_a_cpu_trainer_applies_it_once(tiny_teacher_dir, tmp_path, monkeypatch):
     from conftest import TINY_STUDENT, tiny_data, tiny_trainer
 
-    from lightning_distill import SoftDistill
-    from lightning_distill.cpu_memory import ReuseFreedMemory
+    from lightning_distill import SoftDistill, cpu_memory
 
+    calls = []
+    monkeypatch.setattr(cpu_memory, "_STATE", {})
+    monkeypatch.setattr(cpu_memory, "reuse_freed_memory", lambda: calls.append(1) or False)  # not applied here
     trainer = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
     trainer.fit(SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tiny_data())
-    assert sum(isinstance(c, ReuseFreedMemory) for c in trainer.callbacks) == 1
+    assert sum(isinstance(c, cpu_memory.ReuseFreedMemory) for c in trainer.callbacks) == 1
+    assert calls == [1]
