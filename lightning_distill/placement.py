@@ -26,16 +26,13 @@ IDLE_DEVICE = torch.device("cpu")
 
 
 def teacher_idle_in_training(module: DistillModule) -> bool:
-    """Whether ``module`` holds a frozen teacher that its training steps never ask: a CE-only ``SoftDistill``
-    (``ce_weight == 1``), off-policy, without a feature term, not sharded."""
-    from lightning_distill.modules.soft import SoftDistill  # here: soft imports base, which imports this file
-    from lightning_distill.signals import StudentSamples
-
-    if module.teacher is None or module.trains_teacher or not isinstance(module, SoftDistill):
+    """Whether ``module`` holds a frozen, unsharded teacher that its training steps never ask: the method says so
+    through its ``teacher_unused_in_training()`` (``SoftDistill`` at ``ce_weight == 1``, off-policy, without a
+    feature term); a method without it keeps its teacher where it is."""
+    if module.teacher is None or module.trains_teacher or sharding.is_sharded(module):
         return False
-    if module.ce_weight != 1.0 or module.features is not None or isinstance(module.signal, StudentSamples):
-        return False
-    return not sharding.is_sharded(module)
+    unused = getattr(module, "teacher_unused_in_training", None)
+    return bool(unused and unused())
 
 
 class IdleTeacherOffload(L.Callback):

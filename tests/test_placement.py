@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, requires_gpu, tiny_data, tiny_trainer
 
-from lightning_distill import SoftDistill, placement
+from lightning_distill import HardDistill, SoftDistill, placement
 
 IDLE = torch.device("meta")  # on a CPU-only machine the idle place is told apart from the device by a spy
 
@@ -60,6 +60,9 @@ def test_the_decision(tiny_teacher_dir):
     on_policy = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=1.0, lmbda=0.5)
     on_policy.configure_model()
     assert not placement.teacher_idle_in_training(on_policy)
+    top1 = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="top1")
+    top1.configure_model()
+    assert not placement.teacher_idle_in_training(top1)  # its steps ask the teacher (a method that does not say)
 
 
 @requires_gpu

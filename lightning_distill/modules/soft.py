@@ -171,6 +171,10 @@ class SoftDistill(DistillModule):
             return nullcontext()
         return self.features.recording(pruning.decoder_layers(self.student), pruning.decoder_layers(self.teacher))
 
+    def teacher_unused_in_training(self) -> bool:
+        """CE-only, off-policy, no feature term: no training step asks the teacher (:mod:`~.placement` offloads it)."""
+        return self.ce_weight == 1.0 and self.features is None and not isinstance(self.signal, StudentSamples)
+
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
         """The student, and the feature projection when the widths differ (at the student's learning rate)."""
         extra = self.features is not None and self.features.projection is not None
