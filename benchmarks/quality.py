@@ -89,6 +89,8 @@ def default_methods() -> dict[str, Method]:
                              uses_frozen_teacher=False),
         "onpolicy_rkl_0.5": Method(soft, {"lmbda": 0.5, **ON_POLICY}, "live logits on the student's samples"),
         "onpolicy_rkl_1": Method(soft, {"lmbda": 1.0, **ON_POLICY}, "live logits on the student's samples"),
+        "onpolicy_rkl_1_start20": Method(soft, {"lmbda": 1.0, "on_policy_start": 20, **ON_POLICY},
+                                         "live logits on the student's samples (after 20 off-policy steps)"),
         "onpolicy_token_0.5": Method(soft, {"lmbda": 0.5, "on_policy_loss": "sampled_token", **ON_POLICY},
                                      "4 B (log-prob of each sampled token)"),
         "onpolicy_token_1": Method(soft, {"lmbda": 1.0, "on_policy_loss": "sampled_token", **ON_POLICY},

@@ -54,6 +54,8 @@ class SoftDistill(DistillModule):
         tail: top-k stores: ``"bucket"`` or ``"renorm"`` (forward KL only); see
             :func:`lightning_distill.sparse.topk_forward_kl`.
         lmbda: share of batches trained on-policy, in [0, 1] (GKD's ``lmbda``): 0 = off-policy only, 1 = always.
+        on_policy_start: optimizer steps trained off-policy before on-policy batches begin (a pruned student's
+            samples are noise at first; see the README); 0: from the first step.
         on_policy_loss: loss on the student's samples: a divergence (name or object; default reverse KL, as the
             on-policy papers use) over the full distributions, or ``"sampled_token"`` (only the teacher's log-prob
             of each sampled token, as a negative advantage; temperature 1).
@@ -83,6 +85,7 @@ class SoftDistill(DistillModule):
         labels: str | None = None,
         tail: str = "bucket",
         lmbda: float = 0.0,
+        on_policy_start: int = 0,
         on_policy_loss: str | Divergence = "reverse_kl",
         prompt_tokens: int = 32,
         max_new_tokens: int = 64,
@@ -114,9 +117,14 @@ class SoftDistill(DistillModule):
         if lmbda > 0 and labels is not None:
             raise ValueError(f"lmbda={lmbda} needs a live teacher to grade the student's samples, but labels="
                              f"{labels!r} is set: use lmbda=0 with stored labels, or labels=None")
+        checks.integer("on_policy_start", on_policy_start, ">= 0 (optimizer steps)", lambda v: v >= 0, "0")
+        if on_policy_start > 0 and lmbda == 0:
+            raise ValueError(f"on_policy_start={on_policy_start} delays on-policy batches, but lmbda=0 trains none: "
+                             "set lmbda > 0, or on_policy_start=0")
         if lmbda > 0:
             settings = GenerationSettings(max_new_tokens, True, sample_temperature, top_p)
-            signal = StudentSamples(signal, lmbda, on_policy_loss, settings, prompt_tokens, prompts)
+            signal = StudentSamples(signal, lmbda, on_policy_loss, settings, prompt_tokens, prompts,
+                                    start=on_policy_start)
         elif not 0 <= lmbda <= 1:
             raise ValueError(f"lmbda must be in [0, 1] (the share of on-policy batches), got {lmbda}")
         super().__init__(teacher=teacher, student=student, **kwargs)

@@ -47,18 +47,19 @@ class StudentSamples(TeacherSignal):
         prompt_tokens: the prompt is a block's first this-many tokens, or at most this many of a prompt file's.
         prompts: a JSONL prompt file (see :mod:`lightning_distill.prompts`); ``None``: prompts from the corpus.
         seed: seeds which steps are on-policy and which file prompts are drawn.
+        start: optimizer steps trained off-policy before the first on-policy batch.
     """
 
     def __init__(self, scorer: TeacherSignal, lmbda: float, loss: str | Divergence,
                  settings: generation.GenerationSettings, prompt_tokens: int, prompts: str | None = None,
-                 seed: int = 0) -> None:
+                 seed: int = 0, start: int = 0) -> None:
         if not 0 <= lmbda <= 1:
             raise ValueError(f"lmbda must be in [0, 1] (the share of on-policy batches), got {lmbda}")
         if isinstance(prompt_tokens, bool) or not isinstance(prompt_tokens, int) or prompt_tokens < 1:
             raise ValueError(f"prompt_tokens must be an integer >= 1, got {prompt_tokens!r}")
         self.scorer, self.lmbda, self.settings, self.prompt_tokens = scorer, lmbda, settings, prompt_tokens
         self.divergence = None if loss == SAMPLED_TOKEN else losses.divergence_from(loss)
-        self.prompts_path, self.seed = prompts, seed
+        self.prompts_path, self.seed, self.start = prompts, seed, start
         self.prompt_file: PromptFile | None = None
         self.generated = 0  # tokens generated in the last rollout
         self.seconds = 0.0  # time it took
@@ -73,8 +74,11 @@ class StudentSamples(TeacherSignal):
             self.prompt_file = PromptFile(self.prompts_path, module.tokenizer, self.prompt_tokens)
 
     def chooses(self, step: int) -> bool:
-        """Whether the batch of optimizer step ``step`` is on-policy (a seeded coin with P(heads) = ``lmbda``)."""
-        return self.lmbda > 0 and (self.lmbda == 1 or random.Random(f"{self.seed}-{step}").random() < self.lmbda)
+        """Whether the batch of optimizer step ``step`` is on-policy: never before ``start``, then a seeded coin with
+        P(heads) = ``lmbda`` (a function of the step alone, so a resumed run chooses as an uninterrupted one)."""
+        if self.lmbda == 0 or step < self.start:
+            return False
+        return self.lmbda == 1 or random.Random(f"{self.seed}-{step}").random() < self.lmbda
 
     def rollout(self, module: DistillModule, batch: Batch) -> dict[str, Tensor | None]:
         """The student's continuations of the batch's prompts: ``input_ids`` (B, P + N); ``labels`` (B, P + N): the

@@ -48,6 +48,23 @@ def test_lmbda_is_the_share_of_on_policy_steps(tiny_teacher_dir):
     assert all(always.chooses(step) for step in range(50))
 
 
+def test_on_policy_start_keeps_the_first_steps_off_policy(tiny_teacher_dir):
+    late = model(tiny_teacher_dir, lmbda=1.0, on_policy_start=20, **ON_POLICY).signal
+    assert [late.chooses(step) for step in range(30)] == [False] * 20 + [True] * 10
+    half = model(tiny_teacher_dir, lmbda=0.5, **ON_POLICY).signal
+    half_late = model(tiny_teacher_dir, lmbda=0.5, on_policy_start=100, **ON_POLICY).signal
+    assert not any(half_late.chooses(step) for step in range(100))
+    assert [half_late.chooses(s) for s in range(100, 300)] == [half.chooses(s) for s in range(100, 300)]  # same coin
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [({"lmbda": 0.0, "on_policy_start": 5}, "on_policy_start=5 delays"),
+                                                 ({"lmbda": 1.0, "on_policy_start": -1}, "on_policy_start must be"),
+                                                 ({"lmbda": 1.0, "on_policy_start": 2.5}, "on_policy_start must be")])
+def test_on_policy_start_bad_values(tiny_teacher_dir, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, **kwargs)
+
+
 def test_rollout_masks_the_prompt_and_everything_after_eos(tiny_teacher_dir, monkeypatch):
     m = model(tiny_teacher_dir, lmbda=1.0, **ON_POLICY)
     eos = m.tokenizer.eos_token_id
