@@ -153,12 +153,10 @@ def chunked_distill_loss(
     else:
         raise ValueError("`teacher_logits` (or teacher_hidden and teacher_head) is needed when ce_weight < 1")
 
-    kind = losses.get_divergence(divergence, **params)
-
     def kd_fn(logits: Tensor, logp: Tensor, teacher_rows: Tensor) -> Tensor:  # (C, V) x 3 -> (C,)
-        return losses.divergence_per_token(kind, logits, teacher_rows, temperature, student_logp=logp)
+        return losses.divergence_per_token(divergence, logits, teacher_rows, temperature, student_logp=logp,
+                                           **params)
 
-    kd_fn.forward_kl = type(kind) is losses.ForwardKL  # the fused path writes its gradient in closed form
     return _chunked(student_hidden, student_head, labels, None if teacher is None else kd_fn,
                     () if teacher is None else (teacher,), None if teacher_logits is not None else teacher_head,
                     **kwargs)

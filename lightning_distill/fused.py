@@ -23,8 +23,6 @@ from lightning_distill.losses import IGNORE_INDEX, NumTokens, cross_entropy_per_
 
 Head = nn.Module | Tensor  # an output layer (called), or its (V, H) weight
 KDFn = Callable[..., Tensor]  # kd_fn(logits (C, V), student log-probs at T (C, V), *rows) -> (C,)
-"""A ``kd_fn`` whose attribute ``forward_kl`` is True is KL(teacher || student) against dense teacher logits
-(``rows[0]``): :func:`chunk_grad` then writes its gradient in closed form (:func:`closed_form_grad`)."""
 
 SUB_CHUNK_ELEMENTS = 2**22  # on CPU, logits per sub-chunk of the per-token part (16 MiB in float32), see fused_loop
 
@@ -52,33 +50,6 @@ def per_token_terms(logits: Tensor, y: Tensor | None, kd_fn: KDFn | None, kd_row
     return kd, ce
 
 
-def closed_form_grad(logits: Tensor, y: Tensor | None, valid: Tensor | None, w_kd: Tensor, w_ce: Tensor,
-                     teacher: Tensor | None, ce_weight: float, temperature: float) -> tuple[Tensor, ...]:
-    """:func:`chunk_grad` for forward KL (``teacher``: dense logits (C, V)) and CE, without an autograd pass:
-    d(T^2 KL(p_t || p_s))/dz = T (p_s - p_t) and dCE/dz = softmax(z) - onehot(y), at the tempered softmaxes,
-    as Liger Kernel's fused losses write them (fewer passes over the (C, V) logits than autograd's)."""
-    z = logits.to(torch.promote_types(logits.dtype, torch.float32))  # (C, V)
-    t = temperature
-    kd = ce = grad = logp = None
-    if teacher is not None:
-        logp = torch.log_softmax(z if t == 1 else z / t, dim=-1)  # (C, V)
-        t_logp = torch.log_softmax(teacher.to(z.dtype) if t == 1 else teacher.to(z.dtype) / t, dim=-1)  # (C, V)
-        t_p = t_logp.exp()  # (C, V)
-        kd = (t_p * torch.where(t_p > 0, t_logp - logp, 0.0)).sum(-1) * t**2  # (C,): 0 log 0 = 0, as kl()
-        grad = logp.exp().mul_(w_kd * t).sub_(t_p.mul_(w_kd * t))  # (C, V)
-    if ce_weight > 0:
-        logp = logp if logp is not None and t == 1 else torch.log_softmax(z, dim=-1)  # (C, V)
-        ignored = y == IGNORE_INDEX  # (C,)
-        target = y.masked_fill(ignored, 0).unsqueeze(1)  # (C, 1)
-        ce = -logp.gather(1, target).squeeze(1).masked_fill(ignored, 0.0)  # (C,)
-        grad = logp.exp().mul_(w_ce) if grad is None else grad.add_(logp.exp().mul_(w_ce))  # (C, V)
-        grad.scatter_add_(1, target, (-w_ce).expand(target.shape).to(grad.dtype))  # - w_ce at the label
-    grad = torch.zeros_like(z) if grad is None else grad  # no term (not reached from chunked_distill_loss)
-    if valid is not None:
-        grad.mul_(valid.unsqueeze(1))  # masked rows: no gradient
-    return grad.to(logits.dtype), kd, ce
-
-
 def chunk_grad(logits: Tensor, y: Tensor | None, valid: Tensor | None, w_kd: Tensor, w_ce: Tensor,
                 kd_fn: KDFn | None, kd_rows: tuple[Tensor, ...], ce_weight: float, temperature: float,
                 functional: bool = False) -> tuple[Tensor, Tensor | None, Tensor | None]:
@@ -87,10 +58,7 @@ def chunk_grad(logits: Tensor, y: Tensor | None, valid: Tensor | None, w_kd: Ten
 
     A local autograd pass over :func:`per_token_terms`, so that every divergence works without a hand-written
     gradient: ``torch.autograd.grad`` on a small graph (works under saved-tensor hooks such as activation
-    offloading), or, when ``functional`` (for ``torch.compile``), ``torch.func.grad_and_value``; CE alone or with
-    forward KL on dense teacher logits in closed form (:func:`closed_form_grad`)."""
-    if kd_fn is None or getattr(kd_fn, "forward_kl", False):
-        return closed_form_grad(logits, y, valid, w_kd, w_ce, kd_rows[0] if kd_fn else None, ce_weight, temperature)
+    offloading), or, when ``functional`` (for ``torch.compile``), ``torch.func.grad_and_value``."""
 
     def total(z: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         kd, ce = per_token_terms(z, y, kd_fn, kd_rows, ce_weight, temperature)  # (C,), (C,)

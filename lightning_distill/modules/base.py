@@ -246,8 +246,9 @@ class DistillModule(L.LightningModule):
         return {**out, "tokens": tokens}
 
     def loss_chunk_size(self, teacher: Distribution | None, device: torch.device) -> int:
-        """``chunk_size``, or (``None``) what ``benchmarks/speed.py`` measured fastest: fused chunks for a teacher's
-        hidden states (its logits never made) and on CUDA, one pass (0) for the rest on CPU."""
+        """``chunk_size`` when set, else the path ``benchmarks/speed.py`` measured fastest: chunks of
+        :data:`~lightning_distill.chunked.DEFAULT_CHUNK_SIZE` for a teacher's hidden states (its logits never made)
+        and on CUDA; 0 (one pass over the logits) for the rest on CPU."""
         if self.chunk_size is not None:
             return self.chunk_size
         return chunked.DEFAULT_CHUNK_SIZE if isinstance(teacher, TeacherHidden) or device.type == "cuda" else 0
