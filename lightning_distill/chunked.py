@@ -31,9 +31,9 @@ from lightning_distill.sparse import SparseTargets, sparse_per_token
 
 DEFAULT_CHUNK_SIZE = 256
 """Rows per chunk. Measured with ``benchmarks/speed.py`` (2 quiet CPU cores, V = 49152, H = 576, 4096 rows,
-float32, the fused path, two runs on 2026-11-30): 128 / 256 / 512 rows took 1.04 / 0.97 / 0.90 x and 0.83 / 0.78 /
-0.69 x the time of the unchunked loss at 0.046 / 0.063 / 0.128 x and 0.034 / 0.033 / 0.070 x its peak memory; 256
-is the largest within 1/8 of it in both."""
+float32, the fused path, 2026-11-30): 128 / 256 / 512 rows took 1.04 / 0.97 / 0.90 x and 0.78 / 0.71 / 0.70 x the
+time of the unchunked loss (two runs) at 0.046 / 0.063 / 0.128 x and 0.036 / 0.054 / 0.112 x its peak memory; 256 is
+the largest within 1/8 of it in every run."""
 
 
 def _checkpointed(h: Tensor, head: Head, y: Tensor | None, kd_fn: KDFn | None, rows: list[Tensor],
