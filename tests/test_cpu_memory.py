@@ -14,7 +14,7 @@ import json, resource, sys, torch
 from lightning_distill import cpu_memory
 applied = cpu_memory.reuse_freed_memory() if sys.argv[1] == "on" else False
 faults = []
-for _ in range(4):  # the same 256 MiB buffer, allocated, touched and freed four times
+for _ in range(8):  # the same 256 MiB buffer, allocated, touched and freed eight times
     before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     torch.ones(64 * 2**20)
     faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
@@ -35,7 +35,9 @@ def test_freed_memory_is_reused_instead_of_faulted_in_again():
     off, on = probe("off"), probe("on")
     assert min(off["faults"][2:]) > pages // 2  # glibc maps a fresh block for every large tensor: pages fault again
     assert on["applied"] and on["again"]  # idempotent
-    assert max(on["faults"][2:]) < pages // 20  # from the third time on the freed block is reused (the heap grown)
+    # the heap grows over the first few rounds (how many depends on what else the process allocated); then the
+    # freed block is reused: no round of the last four faults its pages in again
+    assert max(on["faults"][4:]) < pages // 20
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
