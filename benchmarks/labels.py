@@ -6,9 +6,9 @@ store, and student quality at equal steps (online soft KD vs top-k stored vs sam
     python benchmarks/labels.py --steps 20 --max-documents 8 --throughput-batches 2   # a quick smoke run
     python benchmarks/labels.py --variants ce_only,online_soft,topk128_stored,sampled50_stored,topk32_renorm_stored
 
-Embedded teacher SmolLM2-135M-Instruct (``teacher_dtype="auto"``: bfloat16 where the CPU/GPU has native bf16),
-6-layer depth-pruned student, built-in corpus ``builtin:python-docs`` cut to ``--max-documents`` documents (the
-first ones of the seeded shuffle; 30 of 79 by default: 396 train + 71 validation blocks of 128 tokens).
+Embedded teacher SmolLM2-135M-Instruct (``performance.teacher_dtype="auto"``: bfloat16 where the CPU/GPU has native
+bf16), 6-layer depth-pruned student, built-in corpus ``builtin:python-docs`` cut to ``--max-documents`` documents
+(the first ones of the seeded shuffle; 30 of 79 by default: 396 train + 71 validation blocks of 128 tokens).
 
 1. Bytes per token: one ``trainer.predict`` pass of the teacher over both splits with six LabelWriter callbacks
    (top-k 8/32/128, sampled 12/50, top-1), each writing a real store; size on disk (shards + manifest) divided by
@@ -50,7 +50,11 @@ import numpy as np
 import torch
 from lightning.fabric.utilities.apply_func import move_data_to_device
 
-from lightning_distill import DistillDataModule, HardDistill, SoftDistill, losses, optim
+from lightning_distill import DistillDataModule, HardDistill, SoftDistill, losses
+from lightning_distill.callbacks import ReuseFreedMemory
+from lightning_distill.modules.base import lr_factor
+from lightning_distill.options import Optimization, Performance
+from lightning_distill.signals import LiveTeacher
 from lightning_distill.store import LabelStore, LabelWriter
 
 RESULTS = Path(__file__).parent / "results"
@@ -91,9 +95,12 @@ def data_module(args: argparse.Namespace, batch_size: int) -> DistillDataModule:
                              max_documents=args.max_documents)
 
 
-def quiet_trainer(root: Path, **kwargs: Any) -> L.Trainer:
+def quiet_trainer(root: Path, callbacks: list[L.Callback], **kwargs: Any) -> L.Trainer:
+    """A Trainer for ``predict``; on CPU it keeps freed memory for reuse (glibc mallopt, once per process), as the
+    modules did before the option became opt-in: the lockstep steps after it run with it too."""
     return L.Trainer(accelerator="auto", devices=1, logger=False, enable_progress_bar=False,
-                     enable_model_summary=False, default_root_dir=str(root), **kwargs)
+                     enable_model_summary=False, default_root_dir=str(root), callbacks=[*callbacks, ReuseFreedMemory()],
+                     **kwargs)
 
 
 # ------------------------------------------------------------------------------------------ 1. bytes per token
@@ -113,7 +120,7 @@ def write_stores(args: argparse.Namespace, teacher: SoftDistill, work: Path) -> 
         nbytes = sum(f.stat().st_size for f in (work / name).iterdir())
         sizes[name] = {"bytes": nbytes, "bytes_per_token": nbytes / tokens,
                        "record_bytes_per_token": store.manifest["bytes_per_block"] / 128}
-    logits = teacher.teacher_logits(data.val_blocks[:2].to(teacher.device)).float().cpu()  # (2, 128, V)
+    logits = teacher_logits(teacher, data.val_blocks[:2].to(teacher.device)).float().cpu()  # (2, 128, V)
     for name, array in (("full_fp32", logits.numpy()),
                         ("full_bf16", logits.to(torch.bfloat16).view(torch.int16).numpy())):
         file = work / f"{name}.npy"
@@ -122,6 +129,11 @@ def write_stores(args: argparse.Namespace, teacher: SoftDistill, work: Path) -> 
                        "record_bytes_per_token": array.itemsize * array.shape[-1]}
     return {"tokens": tokens, "train_blocks": len(data.train_blocks), "validation_blocks": len(data.val_blocks),
             "one_pass_seconds": seconds, "sizes": sizes}
+
+
+def teacher_logits(model: L.LightningModule, input_ids: torch.Tensor) -> torch.Tensor:
+    """The frozen teacher's logits (B, T, V) under no grad, in its dtype."""
+    return LiveTeacher.logits(model.run, {"input_ids": input_ids})
 
 
 # ------------------------------------------------------------------------------------------ 2. throughput
@@ -135,7 +147,7 @@ class StepTimer(L.Callback):
 
     def on_predict_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, *args: Any) -> None:
         start = time.perf_counter()
-        pl_module.teacher_logits(batch["input_ids"])
+        teacher_logits(pl_module, batch["input_ids"])
         self._start = time.perf_counter()
         self.forward.append(self._start - start)
 
@@ -177,8 +189,8 @@ def throughput(args: argparse.Namespace, teacher: SoftDistill, work: Path) -> di
 def variants(args: argparse.Namespace, work: Path) -> dict[str, L.LightningModule]:
     """The students: same initial weights (the pruned teacher), same recipe, different teacher signal."""
     student = {"from_teacher": {"layers": args.layers}}
-    common = {"teacher": TEACHER, "student": student, "teacher_dtype": "auto", "learning_rate": 1e-3,
-              "warmup_steps": 5}
+    common = {"teacher": TEACHER, "student": student, "performance": Performance(teacher_dtype="auto"),
+              "optimization": Optimization(learning_rate=1e-3, warmup_steps=5)}
     made = {
         "ce_only": lambda: SoftDistill(**common, ce_weight=1.0),
         "online_soft": lambda: SoftDistill(**common, ce_weight=0.5),
@@ -205,8 +217,9 @@ def train_lockstep(args: argparse.Namespace, models: dict[str, L.LightningModule
         loaders[name] = iter(data.train_dataloader())
         config = model.configure_optimizers()
         optimizers[name] = config["optimizer"]
+        options = model.hparams.optimization
         schedulers[name] = torch.optim.lr_scheduler.LambdaLR(
-            optimizers[name], lambda step, m=model: optim.lr_factor(step, args.steps, m.warmup_steps, m.min_lr_ratio))
+            optimizers[name], lambda step, o=options: lr_factor(step, args.steps, o.warmup_steps, o.min_lr_ratio))
         times[name] = []
     first = next(iter(models.values()))
     for other in list(models.values())[1:]:  # identical initial students
@@ -243,7 +256,7 @@ def evaluate(args: argparse.Namespace, teacher: SoftDistill, students: dict[str,
     count = 0
     for ids in blocks.split(8):
         ids = ids.to(teacher.device)
-        target = teacher.teacher_logits(ids)[:, :-1].float()  # (B, T-1, V)
+        target = teacher_logits(teacher, ids)[:, :-1].float()  # (B, T-1, V)
         labels = ids[:, 1:]
         n = labels.numel()
         for name, student in students.items():
@@ -252,7 +265,7 @@ def evaluate(args: argparse.Namespace, teacher: SoftDistill, students: dict[str,
             logits = student(input_ids=ids).logits[:, :-1].float()
             student.train(was_training)
             sums[name]["ce"] += float(losses.cross_entropy(logits, labels)) * n
-            sums[name]["kl"] += float(losses.forward_kl(logits, target, labels)) * n
+            sums[name]["kl"] += float(losses.ForwardKL()(logits, target, labels)) * n
             sums[name]["agreement"] += float((logits.argmax(-1) == target.argmax(-1)).float().mean()) * n
         count += n
     out = {}
@@ -315,7 +328,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         torch.set_num_threads(args.threads)
     work = Path(args.work or tempfile.mkdtemp(prefix="labels-bench-"))
     work.mkdir(parents=True, exist_ok=True)
-    teacher = SoftDistill(teacher=TEACHER, student={"from_teacher": {"layers": 1}}, teacher_dtype="auto")
+    teacher = SoftDistill(teacher=TEACHER, student={"from_teacher": {"layers": 1}},
+                          performance=Performance(teacher_dtype="auto"))
     teacher.configure_model()
     if torch.cuda.is_available():
         teacher.cuda()

@@ -19,8 +19,8 @@ empty generation cache (their wall time includes generating) and report how repe
 continuations are.
 
 ``soft_fkl_features`` adds feature distillation (each student layer's hidden states matched to the teacher layer
-it was copied from, cosine loss, ``feature_weight=1``); ``soft_fkl_importance`` keeps the 6 teacher layers of
-highest Block Influence instead of 6 evenly spaced ones (:mod:`lightning_distill.pruning`).
+it was copied from, cosine loss, ``features=Features(weight=1.0)``); ``soft_fkl_importance`` keeps the 6 teacher
+layers of highest Block Influence instead of 6 evenly spaced ones (:mod:`lightning_distill.pruning`).
 
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
 on a subset of the documents (the ranking of methods can change when the data repeats). Writes
@@ -37,7 +37,7 @@ import platform
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -46,7 +46,19 @@ import torch
 
 from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
 from lightning_distill import metrics as val_metrics
-from lightning_distill.backbone import bf16_is_fast
+from lightning_distill.backbone import Run, bf16_is_fast
+from lightning_distill.callbacks import ReuseFreedMemory
+from lightning_distill.losses import Divergence, GeneralizedJSD
+from lightning_distill.options import (
+    Features,
+    Generation,
+    OnPolicy,
+    Optimization,
+    Performance,
+    Schedule,
+    Validation,
+)
+from lightning_distill.signals import LiveTeacher
 from lightning_distill.store import LabelWriter
 
 RESULTS = Path(__file__).parent / "results"
@@ -55,7 +67,8 @@ VOCAB_BYTES_FP32 = 49152 * 4
 
 @dataclass
 class Method:
-    """One row of the table: a module class, its arguments, and the teacher storage it needs per token."""
+    """One row of the table: a module class, its arguments (option groups as objects of
+    :mod:`lightning_distill.options`), and the teacher storage it needs per token."""
 
     cls: type
     kwargs: dict[str, Any]
@@ -65,6 +78,12 @@ class Method:
 
 
 ON_POLICY = {"prompt_tokens": 32, "max_new_tokens": 64}  # on-policy rows: the student continues 32-token prompts
+# chunk_size=0: the table was measured on the unchunked loss (bit-reproducible here); the default fused chunks give the
+# same loss within float tolerance (tests/modules/test_soft.py). A method's own ``performance`` replaces this one.
+PERFORMANCE = Performance(teacher_dtype="auto", chunk_size=0)
+GROUPS = {"optimization": Optimization, "performance": Performance, "validation": Validation, "on_policy": OnPolicy,
+          "features": Features, "generation": Generation, "schedule": Schedule}
+"""The option groups a method argument may be (``--set METHOD.GROUP.FIELD=VALUE`` changes one field)."""
 
 
 def default_methods() -> dict[str, Method]:
@@ -73,27 +92,30 @@ def default_methods() -> dict[str, Method]:
         "ce_only": Method(soft, {"ce_weight": 1.0}, "nothing (no teacher)"),
         "soft_fkl": Method(soft, {}, f"live logits ({VOCAB_BYTES_FP32:,} B fp32 if stored)"),
         "soft_pure_fkl": Method(soft, {"ce_weight": 0.0}, "live logits"),
-        "soft_jsd": Method(soft, {"loss": "generalized_jsd", "beta": 0.5}, "live logits"),
-        "soft_fkl_features": Method(soft, {"feature_weight": 1.0, "feature_loss": "cosine"},
+        "soft_jsd": Method(soft, {"loss": GeneralizedJSD(beta=0.5)}, "live logits"),
+        "soft_fkl_features": Method(soft, {"features": Features(weight=1.0, loss="cosine")},
                                     "live logits + hidden states of the same forward"),
         "soft_fkl_importance": Method(soft, {"student": {"from_teacher": {"layers": 6, "select": "importance"}}},
                                       "live logits"),
         "hard_top1": Method(HardDistill, {"mode": "top1", "ce_weight": 0.5}, "2 B (one uint16 id)"),
-        "hard_generate": Method(HardDistill, {"mode": "generate", "prompt_tokens": 32, "max_new_tokens": 96},
+        "hard_generate": Method(HardDistill, {"mode": "generate",
+                                              "generation": Generation(prompt_tokens=32, max_new_tokens=96)},
                                 "2 B per generated token"),
-        "hard_generate_sampled": Method(HardDistill, {"mode": "generate", "prompt_tokens": 32, "max_new_tokens": 96,
-                                                      "do_sample": True, "temperature": 0.7, "top_p": 0.95},
+        "hard_generate_sampled": Method(HardDistill, {"mode": "generate", "generation": Generation(
+            prompt_tokens=32, max_new_tokens=96, do_sample=True, temperature=0.7, top_p=0.95)},
                                         "2 B per generated token"),
-        "co_distill": Method(CoDistill, {"schedule": "linear", "kd_weight": 0.5, "ramp_steps": 20,
+        "co_distill": Method(CoDistill, {"schedule": Schedule(kind="linear", ramp_steps=20), "kd_weight": 0.5,
                                          "teacher_learning_rate": 2e-5}, "live logits of a trained teacher",
                              uses_frozen_teacher=False),
-        "onpolicy_rkl_0.5": Method(soft, {"lmbda": 0.5, **ON_POLICY}, "live logits on the student's samples"),
-        "onpolicy_rkl_1": Method(soft, {"lmbda": 1.0, **ON_POLICY}, "live logits on the student's samples"),
-        "onpolicy_rkl_1_start20": Method(soft, {"lmbda": 1.0, "on_policy_start": 20, **ON_POLICY},
+        "onpolicy_rkl_0.5": Method(soft, {"on_policy": OnPolicy(lmbda=0.5, **ON_POLICY)},
+                                   "live logits on the student's samples"),
+        "onpolicy_rkl_1": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, **ON_POLICY)},
+                                 "live logits on the student's samples"),
+        "onpolicy_rkl_1_start20": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, start=20, **ON_POLICY)},
                                          "live logits on the student's samples (after 20 off-policy steps)"),
-        "onpolicy_token_0.5": Method(soft, {"lmbda": 0.5, "on_policy_loss": "sampled_token", **ON_POLICY},
+        "onpolicy_token_0.5": Method(soft, {"on_policy": OnPolicy(lmbda=0.5, loss="sampled_token", **ON_POLICY)},
                                      "4 B (log-prob of each sampled token)"),
-        "onpolicy_token_1": Method(soft, {"lmbda": 1.0, "on_policy_loss": "sampled_token", **ON_POLICY},
+        "onpolicy_token_1": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, loss="sampled_token", **ON_POLICY)},
                                    "4 B (log-prob of each sampled token)"),
         "soft_topk32_stored": Method(soft, {}, "top-32 store", store={"kind": "topk", "k": 32}),
         "soft_sampled12_stored": Method(soft, {}, "12-draw sampled store",
@@ -157,23 +179,24 @@ class TeacherCache:
     def wrap(self, module: SoftDistill | HardDistill) -> None:
         """Make the module's signal answer the validation metrics from the cached live teacher's logits."""
 
-        def cached(mod: SoftDistill, batch: dict[str, torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
+        def cached(run: Run, batch: dict[str, torch.Tensor], student: torch.Tensor, labels: torch.Tensor,
                    dataloader_idx: int) -> dict[str, torch.Tensor]:
             key = hashlib.sha1(batch["input_ids"].cpu().numpy().tobytes()).hexdigest()
             if key not in self.store:
                 ids = batch["input_ids"]
-                logits = mod.teacher_logits(ids) if mod.teacher is not None else self.live(batch, mod.device)
+                logits = (LiveTeacher.logits(run, {"input_ids": ids}) if run.teacher is not None
+                          else self.live(batch, student.device))
                 self.store[key] = logits.to(torch.bfloat16)
-            return val_metrics.against_logits(student, self.store[key].to(mod.device)[:, :-1], labels)
+            return val_metrics.against_logits(student, self.store[key].to(student.device)[:, :-1], labels)
 
         module.signal.validation_metrics = cached
 
     def live(self, batch: dict[str, torch.Tensor], device: torch.device) -> torch.Tensor:
         if self.teacher is None:
-            self.teacher = SoftDistill(teacher_dtype="auto")
+            self.teacher = SoftDistill(performance=Performance(teacher_dtype="auto"))
             self.teacher.configure_model()
         self.teacher.to(device)
-        return self.teacher.teacher_logits(batch["input_ids"].to(device))
+        return LiveTeacher.logits(self.teacher.run, {"input_ids": batch["input_ids"].to(device)})
 
 
 def label(methods: dict[str, Method], budget: Budget, seed: int, workdir: Path) -> dict[str, Any]:
@@ -184,11 +207,11 @@ def label(methods: dict[str, Method], budget: Budget, seed: int, workdir: Path) 
         return {"seconds": 0.0, "stores": {}}
     root = workdir / f"labels-{budget.max_documents or 'all'}-seed{seed}"
     writers = {name: LabelWriter(str(root / name), **method.store, overwrite=True) for name, method in needed.items()}
-    teacher = SoftDistill(teacher_dtype="auto")
+    teacher = SoftDistill(performance=Performance(teacher_dtype="auto"))
     data = DistillDataModule(corpus="builtin:python-docs", block_size=128, batch_size=8,
                              max_documents=budget.max_documents, seed=seed)
     trainer = L.Trainer(logger=False, enable_progress_bar=False, enable_model_summary=False,
-                        callbacks=list(writers.values()), default_root_dir=str(root))
+                        callbacks=[*writers.values(), ReuseFreedMemory()], default_root_dir=str(root))
     start = time.perf_counter()
     trainer.predict(teacher, datamodule=data, return_predictions=False)
     seconds = time.perf_counter() - start
@@ -205,17 +228,17 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
         store: dict[str, Any] | None = None, eval_new_tokens: int = 0) -> dict[str, Any]:
     L.seed_everything(seed, verbose=False)
     fast = bf16_is_fast()
-    labels = store["path"] if store else None
-    extra: dict[str, Any] = {"labels": labels} if labels else {}
+    kwargs: dict[str, Any] = {"performance": PERFORMANCE, **method.kwargs}
+    if store:
+        kwargs["labels"] = store["path"]
     generations = workdir / f"generations-{budget.max_documents or 'all'}-{name}"
-    if method.kwargs.get("mode") == "generate":  # a fresh cache: the wall time includes generating
+    generates = kwargs.get("mode") == "generate"
+    if generates:  # a fresh cache: the wall time includes generating
         shutil.rmtree(generations, ignore_errors=True)
-        extra["generations_dir"] = str(generations)
+        kwargs["generation"] = replace(kwargs.get("generation", Generation()), cache_dir=str(generations))
     if eval_new_tokens:
-        extra["eval_new_tokens"] = eval_new_tokens
-    # chunk_size=0: the table was measured on the unchunked loss (bit-reproducible here); the default fused
-    # chunks give the same loss within float tolerance (tests/modules/test_soft.py)
-    model = method.cls(teacher_dtype="auto", **{"chunk_size": 0, **method.kwargs, **extra})
+        kwargs["validation"] = replace(kwargs.get("validation", Validation()), new_tokens=eval_new_tokens)
+    model = method.cls(**kwargs)
     data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
                              batch_size=budget.batch_size, max_documents=budget.max_documents, seed=seed)
     if method.uses_frozen_teacher:
@@ -223,7 +246,8 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     history = History()
     trainer = L.Trainer(max_steps=budget.steps, val_check_interval=budget.val_every, check_val_every_n_epoch=None,
                         limit_val_batches=8, logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                        enable_model_summary=False, num_sanity_val_steps=0, callbacks=[history],
+                        enable_model_summary=False, num_sanity_val_steps=0,
+                        callbacks=[history, ReuseFreedMemory()],  # CPU: freed memory kept for reuse, as the demo
                         precision="bf16-mixed" if fast else "32-true", default_root_dir=str(workdir / name))
     trainer.validate(model, data, verbose=False)
     history.rows[-1]["step"] = 0
@@ -236,7 +260,7 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     storage = method.storage if store is None else f"{method.storage}: {store['bytes_per_token']:,.0f} B on disk"
     row = {"method": name, "storage": storage, "wall_s": wall, "final": final, "history": history.rows,
            "train_blocks": len(data.train_blocks)}
-    if "generations_dir" in extra:
+    if generates:
         row["generations"] = generation_stats(generations, model.tokenizer.eos_token_id)
     return row
 
@@ -343,12 +367,43 @@ def write(out: Path, results: dict[str, list[dict[str, Any]]], labelling: dict[s
     names = [row["method"] for rows in results.values() for row in rows]
     payload = {"machine": machine, "command": command, "date": time.strftime("%Y-%m-%d"),
                "budgets": {k: BUDGETS[k].label for k in results}, "labelling": labelling,
-               "methods": {n: {"class": methods[n].cls.__name__, **methods[n].kwargs, "store": methods[n].store}
-                           for n in names},
+               "methods": {n: {"class": methods[n].cls.__name__, **plain(methods[n].kwargs),
+                               "store": methods[n].store} for n in names},
                "results": results}
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(markdown(results, labelling, machine, command))
     plot(results, out.with_suffix(".png"))
+
+
+def plain(value: Any) -> Any:
+    """``value`` as JSON can hold it, in the shape of a YAML config: an option group as all its fields, a divergence
+    as ``class_path`` and ``init_args``."""
+    if isinstance(value, Divergence):
+        return {"class_path": f"lightning_distill.losses.{type(value).__name__}", "init_args": value.params()}
+    if is_dataclass(value) and not isinstance(value, type):
+        return {f.name: plain(getattr(value, f.name)) for f in fields(value)}
+    if isinstance(value, dict):
+        return {k: plain(v) for k, v in value.items()}
+    return value
+
+
+def set_argument(methods: dict[str, Method], item: str) -> None:
+    """``--set METHOD.ARG=VALUE`` (an argument) or ``METHOD.GROUP.FIELD=VALUE`` (one field of an option group,
+    e.g. ``soft_fkl.optimization.learning_rate=2e-3``); VALUE is JSON."""
+    target, value = item.split("=", 1)
+    names = [name for name in methods if target.startswith(name + ".")]
+    if not names:
+        raise SystemExit(f"--set {item}: expected METHOD.ARG=VALUE with METHOD among {list(methods)}")
+    name = max(names, key=len)  # method names may hold dots (onpolicy_rkl_0.5)
+    kwargs, path, value = methods[name].kwargs, target[len(name) + 1:].split("."), json.loads(value)
+    if len(path) == 1:  # a whole option group may be given as a JSON object of its fields
+        kwargs[path[0]] = GROUPS[path[0]](**value) if path[0] in GROUPS and isinstance(value, dict) else value
+        return
+    group, field = path
+    if group not in GROUPS:
+        raise SystemExit(f"--set {item}: {group} is not an option group; groups: {list(GROUPS)}")
+    current = kwargs.get(group) or (PERFORMANCE if group == "performance" else GROUPS[group]())
+    kwargs[group] = replace(current, **{field: value})
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -358,7 +413,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "quality"), help="output path without extension")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.ARG=VALUE",
-                        help="override a method argument, e.g. soft_fkl.temperature=2 (JSON values)")
+                        help="override a method argument, e.g. soft_fkl.temperature=2, or a field of an option group, "
+                             "e.g. soft_fkl.optimization.learning_rate=2e-3 (JSON values)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and label stores) already in OUT.json, run only the missing ones")
     parser.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
@@ -374,9 +430,7 @@ def main(argv: list[str] | None = None) -> None:
             budget.steps = min(budget.steps, args.max_steps)
             budget.val_every = min(budget.val_every, budget.steps)
     for item in args.set:
-        target, value = item.split("=", 1)
-        method_name, arg = target.split(".", 1)
-        methods[method_name].kwargs[arg] = json.loads(value)
+        set_argument(methods, item)
     names = list(methods) if args.methods == "all" else args.methods.split(",")
     unknown = [name for name in names if name not in methods]
     if unknown:

@@ -12,13 +12,13 @@ position in 16 masked (``-100``). Methods:
 
 - ``naive``: :func:`lightning_distill.losses.distill_loss` on the full logits ``hidden @ W.T``, teacher logits
   ``teacher_hidden @ W_t.T`` under no grad, then backward;
-- ``checkpointed``: :func:`lightning_distill.chunked.chunked_distill_loss` with ``fused=False`` (each chunk
-  recomputed in backward), teacher from its hidden states;
+- ``checkpointed``: :func:`lightning_distill.losses.chunked_distill_loss` with ``fused=False`` (each chunk
+  recomputed in backward), teacher from its hidden states (:class:`~lightning_distill.losses.TeacherHidden`);
 - ``fused``: the same with the gradients computed in the forward pass (the default), eager;
 - ``fused+compile``: the same with its chunk function under ``torch.compile`` (the default on CUDA only);
 - ``liger``: Liger Kernel's ``LigerFusedLinearJSDLoss(beta=0)`` (forward KL) mixed with CE, on CUDA when
   ``liger_kernel`` is importable;
-- ``fused@C``: the fused loss at other chunk sizes (the sweep behind ``chunked.DEFAULT_CHUNK_SIZE``).
+- ``fused@C``: the fused loss at other chunk sizes (the sweep behind ``losses.DEFAULT_CHUNK_SIZE``).
 
 Time: the methods of one shape and precision run in one fresh process on the same inputs, interleaved (each
 round runs every method once, ``--warmup`` rounds untimed, then ``--repeats``), so that a change of load from
@@ -28,7 +28,8 @@ in its own fresh process, where the kernel's peak-RSS mark (VmHWM) is reset once
 warm-up call for compiled rows, whose compiler is not counted); the peak above the RSS before the call counts
 everything the op touches (logits, softmax buffers, the head's (V, H) gradient). On CUDA:
 ``torch.cuda.max_memory_allocated`` above the allocated memory before the call. On CPU every row's process keeps
-freed memory for reuse (:mod:`lightning_distill.cpu_memory`), as our modules do in training. Writes
+freed memory for reuse (:func:`lightning_distill.callbacks.reuse_freed_memory`, called at its start), as the CLI and
+the demo do in training. Writes
 ``benchmarks/results/speed.json`` and ``speed.md``, with the whole-training-step table and its ratios.
 
 When other jobs share the cores, an OpenMP thread that finishes a parallel region first spins (libgomp's default
@@ -63,7 +64,7 @@ import torch
 import torch.nn.functional as F
 from step_worker import proc_status
 
-from lightning_distill import chunked, cpu_memory, losses
+from lightning_distill import callbacks, losses
 
 RESULTS = Path(__file__).parent / "results"
 CPU_SHAPES = [{"shape": "smollm2", "vocab": 49152, "rows": 4096, "hidden": 576, "teacher_hidden": 576}]
@@ -131,11 +132,11 @@ def make_op(row: dict[str, Any], x: dict[str, Any]) -> Callable[[], None]:
         return op
     options = {"checkpointed": {"fused": False}, "fused": {"compiled": False}, "fused+compile": {"compiled": True}}
     kwargs = options[method.split("@")[0]]
+    teacher = losses.TeacherHidden(x["teacher_hidden"], x["teacher_weight"])  # hidden (N, H_t), head weight (V, H_t)
 
     def op() -> None:
-        out = chunked.chunked_distill_loss(x["hidden"], x["weight"], None, x["labels"], ce_weight=ce,
-                                           teacher_hidden=x["teacher_hidden"], teacher_head=x["teacher_weight"],
-                                           chunk_size=row["chunk_size"], **kwargs)
+        out = losses.chunked_distill_loss(x["hidden"], x["weight"], teacher, x["labels"], ce_weight=ce,
+                                          chunk_size=row["chunk_size"], **kwargs)
         out["loss"].backward()
     return op
 
@@ -228,7 +229,7 @@ def loss_head_rows(args: argparse.Namespace, device: str) -> tuple[list[dict[str
     else:
         notes.append("Liger Kernel: not measured (" + ("`liger_kernel` is not installed)" if cuda else
                                                        "its kernels are Triton, CUDA only)"))
-    base = {"device": device, "ce_weight": args.ce_weight, "chunk_size": chunked.DEFAULT_CHUNK_SIZE,
+    base = {"device": device, "ce_weight": args.ce_weight, "chunk_size": losses.DEFAULT_CHUNK_SIZE,
             "warmup": args.warmup, "repeats": args.repeats, "threads": args.threads}
     overrides = {k: v for k, v in (("rows", args.rows), ("vocab", args.vocab)) if v is not None}
     shapes = [{**shape, **overrides} for shape in (CUDA_SHAPES if cuda else CPU_SHAPES)]
@@ -332,10 +333,10 @@ def main(argv: list[str]) -> None:
         first = job["row"][0] if isinstance(job["row"], list) else job["row"]
         if first["threads"]:
             torch.set_num_threads(first["threads"])
-        if first.get("malloc_as_is"):  # glibc's malloc left as it is, in our modules too
-            os.environ[cpu_memory.ENV] = "0"
+        if first.get("malloc_as_is"):  # glibc's malloc left as it is (the modules do not change it either)
+            os.environ[callbacks.REUSE_MEMORY_ENV] = "0"
         elif first.get("device", "cpu") == "cpu":  # every row alike (ours, the naive loss, the teacher, TRL)
-            cpu_memory.reuse_freed_memory()
+            callbacks.reuse_freed_memory()
         tasks = {"cpu_peak": cpu_peak, "time_group": time_group}
         task = tasks.get(job["task"], lambda row: step_worker.work(job["task"], row))
         print(json.dumps(task(job["row"])))

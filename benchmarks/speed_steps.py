@@ -7,11 +7,12 @@ Rows (each measured in a fresh process by ``benchmarks/step_worker.py``; seconds
   ``32-true``), at ``chunk_size`` 0 and :data:`CHUNK`: ``CE only`` (``SoftDistill(ce_weight=1)``), ``online KD``
   (``SoftDistill()``: live teacher, 0.5 forward KL + 0.5 CE), ``stored-label KD`` (``SoftDistill(labels=...)`` from
   a top-32 store written first by :class:`~lightning_distill.store.LabelWriter`, as ``lightning-distill predict``
-  does); with ``compile_student`` at :data:`CHUNK` (the first steps compile: one more warm-up step); with
-  ``liger_kernels`` on CUDA when ``liger_kernel`` is installed;
+  does); with ``performance.compile_student`` at :data:`CHUNK` (the first steps compile: one more warm-up step); with
+  ``performance.liger_kernels`` on CUDA when ``liger_kernel`` is installed;
 - on CPU, ``CE only`` and ``online KD`` at the modules' default chunk size once more with glibc's ``malloc`` left as
   it is (``LIGHTNING_DISTILL_REUSE_MEMORY=0``): every other row, ours, the teacher's and TRL's alike, runs in a process
-  that keeps freed memory for reuse (:mod:`lightning_distill.cpu_memory`, what our modules do on CPU);
+  that keeps freed memory for reuse (:func:`lightning_distill.callbacks.reuse_freed_memory`, what the CLI and the demo
+  do on CPU);
 - ``teacher forward``: the frozen teacher alone under ``no_grad``, to its final hidden states (what online KD adds
   to a CE step besides the loss head), and with its logits (B, T, V);
 - TRL (``pip install 'lightning-distill[bench]'``): ``GKDTrainer`` (off-policy ``lmbda=0``, forward KL ``beta=0``)
@@ -111,20 +112,24 @@ def models(which: str) -> dict[str, Any]:
 
 
 def plan(base: dict[str, Any], store: str, device: str) -> list[dict[str, Any]]:
-    """The rows: ours at both chunk sizes, compiled and Liger variants, the teacher alone, TRL's trainers."""
+    """The rows: ours at both chunk sizes, compiled and Liger variants, the teacher alone, TRL's trainers. A row's
+    ``module`` holds SoftDistill arguments as JSON (an option group as a dict of its fields, e.g. ``performance``);
+    ``step_worker.ours`` adds ``performance.teacher_dtype="auto"``, ``performance.chunk_size`` and the learning
+    rate."""
     ours = {"CE only": {"ce_weight": 1.0}, "online KD": {}, "stored-label KD": {"labels": store}}
     rows = [{**base, "kind": "ours", "name": name, "module": module, "chunk_size": chunk}
             for chunk in (0, CHUNK) for name, module in ours.items()]
     rows += [{**base, "kind": "ours", "name": f"{name}, compiled student", "chunk_size": CHUNK,
-              "module": {**ours[name], "compile_student": True}, "warmup": base["warmup"] + 1}
+              "module": {**ours[name], "performance": {"compile_student": True}}, "warmup": base["warmup"] + 1}
              for name in ("CE only", "online KD")]
-    if device == "cpu":  # every other row keeps freed memory for reuse (lightning_distill.cpu_memory)
+    if device == "cpu":  # every other row keeps freed memory for reuse (lightning_distill.callbacks)
         rows += [{**base, "kind": "ours", "name": f"{name}, malloc as is", "module": ours[name], "malloc_as_is": True,
                   "chunk_size": default_chunk(name, device)} for name in ("CE only", "online KD")]
     liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
     if liger:
         rows += [{**base, "kind": "ours", "name": f"{name}, Liger kernels", "chunk_size": CHUNK,
-                  "module": {**ours[name], "liger_kernels": True}} for name in ("CE only", "online KD")]
+                  "module": {**ours[name], "performance": {"liger_kernels": True}}}
+                 for name in ("CE only", "online KD")]
     rows += [{**base, "kind": "teacher", "name": f"teacher forward ({what})", "logits": what == "logits"}
              for what in ("hidden states", "logits")]
     trl = importlib.util.find_spec("trl") is not None
@@ -177,7 +182,7 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                 (chunk, None))
         add("online KD / TRL GKDTrainer", chunk, "online KD", ["TRL GKDTrainer"], chunks=(None,))
         add("CE only / TRL SFTTrainer", chunk, "CE only", ["TRL SFTTrainer"], chunks=(None,))
-    if rows:  # the modules' default (chunk_size=None): each row at the chunk size it picks on this device
+    if rows:  # the modules' default (performance.chunk_size=None): each row at the chunk size it picks here
         pick = {name: default_chunk(name, rows[0]["device"]) for name in ("CE only", "online KD", "stored-label KD")}
         add("stored-label KD / CE only", "default", "stored-label KD", ["CE only"], "time <= 1.05 (CPU)",
             (pick["CE only"],), pick["stored-label KD"])
@@ -196,8 +201,8 @@ def ratios(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def default_chunk(name: str, device: str) -> int:
-    """The chunk size a row's module picks with ``chunk_size=None`` (``DistillModule.loss_chunk_size``): chunks
-    for a live teacher's hidden states (online KD) and on CUDA, one pass otherwise."""
+    """The chunk size a row's module picks with ``performance.chunk_size=None`` (``DistillModule.loss_chunk_size``):
+    chunks for a live teacher's hidden states (online KD) and on CUDA, one pass otherwise."""
     return CHUNK if name == "online KD" or device == "cuda" else 0
 
 

@@ -102,10 +102,10 @@ def trainer(row: dict[str, Any], folder: str, **kwargs: Any) -> Any:
 
 def label_store(row: dict[str, Any]) -> dict[str, Any]:
     """A top-32 store of the train split, as ``lightning-distill predict`` writes it (``benchmarks/quality.py``)."""
-    from lightning_distill import SoftDistill
+    from lightning_distill import Performance, SoftDistill
     from lightning_distill.store import LabelWriter
 
-    model = SoftDistill(teacher=row["teacher"], student=row["student"], teacher_dtype="auto")
+    model = SoftDistill(teacher=row["teacher"], student=row["student"], performance=Performance(teacher_dtype="auto"))
     writer = LabelWriter(row["store"], kind="topk", k=32, splits=["train"], overwrite=True)
     start = time.perf_counter()
     trainer(row, str(Path(row["store"]).parent), callbacks=[writer]).predict(model, datamodule=data_module(row),
@@ -114,10 +114,11 @@ def label_store(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def ours(row: dict[str, Any]) -> dict[str, Any]:
-    """Our step through Lightning's ``Trainer.fit``, timed by a callback; validation off."""
+    """Our step through Lightning's ``Trainer.fit``, timed by a callback; validation off. ``row["module"]``: more
+    SoftDistill arguments, an option group as a dict of its fields (``performance`` adds to the row's)."""
     import lightning as L
 
-    from lightning_distill import SoftDistill
+    from lightning_distill import Optimization, Performance, SoftDistill
 
     meter = Meter(row)
 
@@ -128,8 +129,10 @@ def ours(row: dict[str, Any]) -> dict[str, Any]:
         def on_train_batch_end(self, *args: Any) -> None:
             meter.end()
 
-    model = SoftDistill(teacher=row["teacher"], student=row["student"], teacher_dtype="auto",
-                        chunk_size=row["chunk_size"], learning_rate=LEARNING_RATE, **row["module"])
+    module = dict(row["module"])
+    performance = Performance(teacher_dtype="auto", chunk_size=row["chunk_size"], **module.pop("performance", {}))
+    model = SoftDistill(teacher=row["teacher"], student=row["student"], performance=performance,
+                        optimization=Optimization(learning_rate=LEARNING_RATE), **module)
     with tempfile.TemporaryDirectory() as folder:
         trainer(row, folder, max_steps=row["warmup"] + row["repeats"], limit_val_batches=0, num_sanity_val_steps=0,
                 callbacks=[Clock()]).fit(model, data_module(row))
@@ -139,10 +142,10 @@ def ours(row: dict[str, Any]) -> dict[str, Any]:
 @torch.no_grad()
 def teacher_forward(row: dict[str, Any]) -> dict[str, Any]:
     """The frozen teacher alone on the rows' batches: to its final hidden states, or with its logits."""
-    from lightning_distill import SoftDistill
+    from lightning_distill import Performance, SoftDistill
     from lightning_distill.signals import LiveTeacher
 
-    model = SoftDistill(teacher=row["teacher"], student=row["student"], teacher_dtype="auto")
+    model = SoftDistill(teacher=row["teacher"], student=row["student"], performance=Performance(teacher_dtype="auto"))
     model.make_models()
     model.teacher.to(row["device"])
     blocks = data_module(row, model.tokenizer).train_blocks.to(row["device"])  # (N, T)
@@ -152,7 +155,8 @@ def teacher_forward(row: dict[str, Any]) -> dict[str, Any]:
         ids = blocks[torch.arange(step * row["batch_size"], (step + 1) * row["batch_size"]) % len(blocks)]  # (B, T)
         meter.begin()
         with autocast:
-            out = model.teacher(input_ids=ids).logits if row["logits"] else live.hidden(model, ids).hidden
+            out = (model.teacher(input_ids=ids).logits if row["logits"]
+                   else live.distribution(model.run, {"input_ids": ids}).hidden)
         del out
         meter.end()
     return {**meter.result(), "precision": "bf16-mixed" if bf16() else "fp32"}
@@ -163,7 +167,7 @@ def trl_step(row: dict[str, Any]) -> dict[str, Any]:
     from datasets import Dataset
     from transformers import TrainerCallback, default_data_collator
 
-    from lightning_distill import SoftDistill
+    from lightning_distill import Performance, SoftDistill
 
     meter = Meter(row)
 
@@ -174,7 +178,7 @@ def trl_step(row: dict[str, Any]) -> dict[str, Any]:
         def on_step_end(self, *args: Any, **kwargs: Any) -> None:
             meter.end()
 
-    model = SoftDistill(teacher=row["teacher"], student=row["student"], teacher_dtype="auto")
+    model = SoftDistill(teacher=row["teacher"], student=row["student"], performance=Performance(teacher_dtype="auto"))
     model.make_models()
     steps = row["warmup"] + row["repeats"]
     blocks = data_module(row, model.tokenizer).train_blocks[:steps * row["batch_size"]].tolist()

@@ -3,6 +3,16 @@
 from lightning_distill.backbone import build_student, check_tokenizers, load_teacher, load_tokenizer
 from lightning_distill.data import DistillDataModule
 from lightning_distill.modules import CoDistill, DistillModule, HardDistill, SoftDistill
+from lightning_distill.options import (
+    Features,
+    Generation,
+    OnPolicy,
+    Optimization,
+    Performance,
+    Schedule,
+    Served,
+    Validation,
+)
 
 __version__ = "0.1.0"
 
@@ -10,8 +20,16 @@ __all__ = [
     "CoDistill",
     "DistillDataModule",
     "DistillModule",
+    "Features",
+    "Generation",
     "HardDistill",
+    "OnPolicy",
+    "Optimization",
+    "Performance",
+    "Schedule",
+    "Served",
     "SoftDistill",
+    "Validation",
     "build_student",
     "check_tokenizers",
     "load_teacher",

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
@@ -37,8 +37,6 @@ from transformers import (
 )
 
 from lightning_distill import pruning
-from lightning_distill.pruning import evenly_spaced as evenly_spaced  # re-exported: moved to pruning.py
-from lightning_distill.pruning import prune_layers as prune_layers
 
 DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
 PROBE_TEXT = "Knowledge distillation: def f(x):\n    return x ** 2  # naïve café, 東京, 3.14159 <tag/>"
@@ -238,12 +236,59 @@ def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = 
         if teacher is None:
             raise ValueError("student={'from_teacher': ...} needs the teacher model; pass teacher=")
         return pruning.from_teacher(teacher, spec["from_teacher"], tokenizer)
-    fields = dict(spec["config"])
-    model_type = fields.pop("model_type", "llama")
+    fields = {"model_type": "llama", **spec["config"]}
     if "vocab_size" not in fields and teacher is not None:
         fields["vocab_size"] = teacher.config.vocab_size
-    config = AutoConfig.for_model(model_type, **fields)
+    return model_from_config(fields)
+
+
+def model_from_config(fields: dict[str, Any]) -> PreTrainedModel:
+    """A fresh float32 causal LM in ``train()`` mode from a config dict (its ``model_type`` names the
+    architecture): random weights, or those a checkpoint then loads."""
+    fields = dict(fields)
+    config = AutoConfig.for_model(fields.pop("model_type"), **fields)
     return AutoModelForCausalLM.from_config(config, dtype=torch.float32).train()
+
+
+# ------------------------------------------------------------------------------------------- calling models
+@dataclass(frozen=True)
+class Run:
+    """What a teacher signal is given of a run (a method makes one at each call; a signal never sees the
+    LightningModule).
+
+    Attributes:
+        teacher: the teacher model (``None`` when the run keeps none: stored labels).
+        tokenizer: the tokenizer both models share.
+        teacher_name: the teacher's name (keys on-disk caches of its continuations).
+        student: the student model (on-policy sampling and its validation metric).
+        step: the optimizer step under way.
+        rank: this process's global rank.
+    """
+
+    teacher: nn.Module | None
+    tokenizer: PreTrainedTokenizerBase
+    teacher_name: str | None = None
+    student: nn.Module | None = None
+    step: int = 0
+    rank: int = 0
+
+
+HIDDEN_METHOD = "distill_final_hidden"  # a sharded model's method that FSDP2 treats as a forward (sharding.py)
+
+
+def decoder_hidden(model: nn.Module, input_ids: Tensor, **inputs: Tensor | None) -> Tensor:
+    """The decoder's last hidden state (B, T, H) of a Hugging Face causal LM: after its final norm, before its
+    head."""
+    return model.get_decoder()(input_ids=input_ids, **inputs).last_hidden_state
+
+
+def final_hidden(model: nn.Module, input_ids: Tensor, **inputs: Tensor | None) -> Tensor:
+    """A causal LM's final hidden states (B, T, H), after its last norm and before its head, of ``input_ids``
+    (B, T) and optional decoder ``inputs`` (``attention_mask``, ``position_ids``); through the model's root when
+    FSDP2 shards it (:func:`lightning_distill.sharding.prepare` registers it), so its embedding, norm and head are
+    gathered, and stay so for the loss."""
+    forward = getattr(model, HIDDEN_METHOD, None)
+    return forward(input_ids, **inputs) if forward is not None else decoder_hidden(model, input_ids, **inputs)
 
 
 def check_tokenizers(

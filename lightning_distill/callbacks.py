@@ -1,5 +1,13 @@
-"""Callbacks and the logger used by the YAML recipes: W&B that never waits for a network, the resolved CLI config
-as hyperparameters, sample tables (prompt, teacher, student) and the exported student as an artifact.
+"""The callbacks and the logger of a run.
+
+Every method adds two to its Trainer itself (:meth:`~lightning_distill.modules.DistillModule.configure_callbacks`):
+:class:`Throughput` (tokens per second, and on-policy sampling speed) and :class:`IdleTeacherOffload` (a teacher no
+training step asks leaves the accelerator). :class:`ReuseFreedMemory` changes the process's memory allocator on CPU
+(measured faster), so it is opt-in: the ``lightning-distill`` CLI and the demo, which own their process, apply it;
+add it to your own Trainer to have it.
+
+The YAML recipes add the rest: W&B that never waits for a network, the resolved CLI config as hyperparameters,
+sample tables (prompt, teacher, student), graceful interrupts and the exported student as an artifact.
 
 W&B online or offline is decided once, when :class:`OfflineFirstWandbLogger` is built (:func:`wandb_mode`):
 ``WANDB_MODE`` wins when set; otherwise the run goes online only when credentials exist (``WANDB_API_KEY``,
@@ -17,21 +25,26 @@ The labelling callback of ``lightning-distill predict`` is :class:`lightning_dis
 
 from __future__ import annotations
 
+import ctypes
 import json
 import netrc
 import os
 import signal
+import sys
 import threading
+import time
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import lightning as L
+import torch
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import WandbLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 
-from lightning_distill import sharding
+from lightning_distill import checks, sharding
 
 #: prompts of :class:`SampleTable` when none are given: the built-in corpus (Python docs) and out of domain
 DEFAULT_PROMPTS = (
@@ -73,8 +86,8 @@ def wandb_mode(offline: bool | None = None) -> str | None:
             :func:`has_wandb_credentials`, else ``"offline"``.
     """
     if offline is not None:
-        if not isinstance(offline, bool):
-            raise ValueError(f"offline must be True, False or None (decide from the environment), got {offline!r}")
+        checks.require(isinstance(offline, bool), "offline", offline, "True, False or None (decide from the "
+                       "environment)")
         return "offline" if offline else "online"
     if os.environ.get("WANDB_MODE"):
         return None
@@ -102,8 +115,8 @@ class OfflineFirstWandbLogger(WandbLogger):
         log_model: bool | Literal["all"] = False,
         **kwargs: Any,
     ) -> None:
-        if not project:
-            raise ValueError("project must be a non-empty W&B project name, e.g. project='lightning-distill'")
+        checks.require(bool(project), "project", project, "a non-empty W&B project name",
+                       "e.g. project='lightning-distill'")
         mode = kwargs.pop("mode", None) or wandb_mode(offline)
         if mode in ("offline", "dryrun", "disabled") and log_model:
             rank_zero_warn(f"OfflineFirstWandbLogger: W&B is {mode}, so log_model={log_model!r} is ignored "
@@ -126,8 +139,7 @@ class OfflineFirstWandbLogger(WandbLogger):
         continues the interrupted run's. Call it before the run starts (before ``fit``)."""
         if self._experiment is not None:
             raise ValueError("continue_run must be called before the W&B run starts (before trainer.fit)")
-        if not isinstance(run_id, str) or not run_id:
-            raise ValueError(f"run_id must be a W&B run id, got {run_id!r}")
+        checks.require(isinstance(run_id, str) and bool(run_id), "run_id", run_id, "a W&B run id")
         self._wandb_init.update(id=run_id, resume="allow")
         self._id = run_id
         rank_zero_info(f"W&B: continuing run {run_id}")
@@ -182,16 +194,11 @@ class SampleTable(L.Callback):
 
     def __init__(self, every_n_validations: int = 1, prompts: list[str] | None = None, max_new_tokens: int = 32,
                  key: str = "samples") -> None:
-        if isinstance(every_n_validations, bool) or not isinstance(every_n_validations, int) or (
-                every_n_validations < 1):
-            raise ValueError(f"every_n_validations must be an integer >= 1, got {every_n_validations!r}")
-        if prompts is not None and (not prompts or not all(isinstance(p, str) and p for p in prompts)):
-            raise ValueError(f"prompts must be None (the built-in prompts) or a non-empty list of non-empty "
-                             f"strings, got {prompts!r}")
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {max_new_tokens!r}")
-        if not key:
-            raise ValueError("key must be a non-empty W&B key, e.g. key='samples'")
+        checks.integer("every_n_validations", every_n_validations, ">= 1", lambda v: v >= 1, "1")
+        checks.require(prompts is None or (bool(prompts) and all(isinstance(p, str) and p for p in prompts)),
+                       "prompts", prompts, "None (the built-in prompts) or a non-empty list of non-empty strings")
+        checks.integer("max_new_tokens", max_new_tokens, ">= 1", lambda v: v >= 1, "32")
+        checks.require(bool(key), "key", key, "a non-empty W&B key", "e.g. key='samples'")
         self.every_n_validations = every_n_validations
         self.prompts = list(prompts) if prompts is not None else list(DEFAULT_PROMPTS)
         self.max_new_tokens = max_new_tokens
@@ -296,8 +303,8 @@ class ExportStudent(L.Callback):
     """
 
     def __init__(self, dirpath: str | None = None, log_artifact: bool = False, artifact_name: str = "student") -> None:
-        if not artifact_name or not all(c.isalnum() or c in "-_." for c in artifact_name):
-            raise ValueError(f"artifact_name must be letters, digits, '-', '_' or '.', got {artifact_name!r}")
+        checks.require(bool(artifact_name) and all(c.isalnum() or c in "-_." for c in artifact_name),
+                       "artifact_name", artifact_name, "letters, digits, '-', '_' or '.'")
         self.dirpath = dirpath
         self.log_artifact = log_artifact
         self.artifact_name = artifact_name
@@ -344,3 +351,119 @@ class ExportStudent(L.Callback):
 
     def _path(self, trainer: L.Trainer) -> str:
         return self.dirpath or str(Path(trainer.log_dir or trainer.default_root_dir) / "student")
+
+
+# --------------------------------------------------------------------------------------------- throughput
+class Throughput(L.Callback):
+    """Logs ``train/tokens_per_sec`` (all ranks) every step, timing each training batch (data loading excluded);
+    on an on-policy step also the student's sampling speed ``train/generated_tokens_per_sec`` and
+    ``train/generation_share`` of the step's time, from the method's ``step_stats``."""
+
+    def __init__(self) -> None:
+        self.start = 0.0
+
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        tokens, size = batch["input_ids"].numel() * trainer.world_size, batch["input_ids"].shape[0]
+        pl_module.log("train/tokens_per_sec", tokens / elapsed, batch_size=size)
+        stats = getattr(pl_module, "step_stats", {})
+        seconds = stats.pop("generation_seconds", 0.0)
+        if seconds:  # an on-policy step: the student's sampling speed and its share of the step
+            generated = stats.pop("generated_tokens", 0)
+            pl_module.log("train/generated_tokens_per_sec", generated / max(seconds, 1e-9), batch_size=size)
+            pl_module.log("train/generation_share", seconds / elapsed, batch_size=size)
+
+
+# ------------------------------------------------------------------------------------ idle teacher placement
+IDLE_DEVICE = torch.device("cpu")
+
+
+def teacher_idle_in_training(module: L.LightningModule) -> bool:
+    """Whether ``module`` holds a frozen, unsharded teacher that its training steps never ask: the method says so
+    through ``teacher_unused_in_training()`` (``SoftDistill`` at ``ce_weight == 1``, off-policy, without a feature
+    term); any other module keeps its teacher where it is."""
+    teacher = getattr(module, "teacher", None)
+    if teacher is None or getattr(module, "trains_teacher", True) or sharding.is_sharded(module):
+        return False
+    unused = getattr(module, "teacher_unused_in_training", None)
+    return bool(unused and unused())
+
+
+class IdleTeacherOffload(L.Callback):
+    """An idle teacher (:func:`teacher_idle_in_training`) off the accelerator while the student trains: moved to the
+    CPU when training starts, onto the module's device for each validation, back to the CPU when training resumes,
+    and onto the device again when the fit ends (as it was). The accelerator then holds the student, its gradients
+    and optimizer state only."""
+
+    def __init__(self) -> None:
+        self.active = False  # decided when training starts
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.active = teacher_idle_in_training(pl_module)
+        self._move(pl_module, IDLE_DEVICE)
+
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._move(pl_module, pl_module.device)
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == TrainerFn.FITTING:
+            self._move(pl_module, IDLE_DEVICE)
+
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._move(pl_module, pl_module.device)
+        self.active = False
+
+    def _move(self, module: L.LightningModule, device: torch.device) -> None:
+        if self.active and module.teacher is not None:
+            module.teacher.to(device)
+
+
+# ------------------------------------------------------------------------------------------ CPU memory reuse
+REUSE_MEMORY_ENV = "LIGHTNING_DISTILL_REUSE_MEMORY"
+M_TRIM_THRESHOLD, M_MMAP_MAX = -1, -4  # mallopt parameters (glibc's malloc.h)
+TRIM_THRESHOLD = 2**30  # bytes of free memory at the heap's top kept rather than returned to the kernel
+_MALLOC: dict[str, bool] = {}  # "applied": the calls were made in this process
+
+
+def reuse_freed_memory() -> bool:
+    """Make glibc's ``malloc`` keep freed memory for reuse, once per process.
+
+    A training step on CPU allocates and frees the same large buffers every step (the logits and their float32
+    copy, their gradients, the head's gradient, autocast's bf16 weight copies). glibc serves every request above its
+    mmap threshold (at most 32 MiB) with a fresh ``mmap`` and unmaps it when freed, so the next step faults in
+    brand-new pages, one per 4 KiB. Two ``mallopt`` calls keep freed memory instead, as the allocators PyTorch's CPU
+    tuning guide recommends (jemalloc, tcmalloc) do: no ``mmap`` for large blocks (``M_MMAP_MAX = 0``) and no
+    trimming of the heap's free top below 1 GiB (``M_TRIM_THRESHOLD``); measured 0.72-0.79x the step time by
+    ``benchmarks/speed.py``. Process-wide and for the rest of the process: the resident memory then stays at its peak
+    between steps.
+
+    Returns:
+        Whether it is in effect: False when ``LIGHTNING_DISTILL_REUSE_MEMORY=0``, off Linux, or without glibc.
+    """
+    if _MALLOC.get("applied"):
+        return True
+    if os.environ.get(REUSE_MEMORY_ENV, "1").strip() == "0" or not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):  # not glibc
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    _MALLOC["applied"] = mallopt(M_MMAP_MAX, 0) == 1 and mallopt(M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return _MALLOC["applied"]
+
+
+class ReuseFreedMemory(L.Callback):
+    """Calls :func:`reuse_freed_memory` when a Trainer on the CPU sets up (fit, validate, test or predict).
+    Opt-in: it changes the whole process's allocator (the CLI and the demo apply it)."""
+
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if trainer.strategy.root_device.type == "cpu" and not _MALLOC.get("applied") and reuse_freed_memory():
+            rank_zero_info(f"[lightning_distill] on CPU, freed memory is kept for reuse (glibc mallopt; "
+                           f"{REUSE_MEMORY_ENV}=0 turns this off)")

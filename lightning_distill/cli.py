@@ -8,9 +8,12 @@
 - ``lightning-distill demo``: the main job (see :mod:`lightning_distill.demo`);
 - ``lightning-distill prepare --corpus SOURCES --out DIR --tokenizer NAME``: a corpus tokenized once for streaming
   (:func:`lightning_distill.data.prepare_corpus`).
+- ``lightning-distill serve --teacher NAME [--port 8000]``: a teacher behind an HTTP server
+  (:mod:`lightning_distill.serve.command`).
 
-``fit --ckpt_path PATH|last`` resumes exactly (the model is built from the checkpoint, its W&B run continues); a
-bad argument or input is one message on stderr and exit status 2, without a traceback.
+On CPU the commands keep freed memory for reuse (:class:`~lightning_distill.callbacks.ReuseFreedMemory`: they own
+their process). ``fit --ckpt_path PATH|last`` resumes exactly (the model is built from the checkpoint, its W&B run
+continues); a bad argument or input is one message on stderr and exit status 2, without a traceback.
 """
 
 from __future__ import annotations
@@ -23,16 +26,17 @@ from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
 
-from lightning_distill import checkpoint
-from lightning_distill.callbacks import OfflineFirstWandbLogger
+from lightning_distill.callbacks import OfflineFirstWandbLogger, ReuseFreedMemory
 from lightning_distill.data import DistillDataModule
-from lightning_distill.modules import DistillModule
+from lightning_distill.modules import DistillModule, checkpoint
 
 EPILOG = """more commands:
   export              lightning-distill export --ckpt PATH --out DIR: a checkpoint's student as a Hugging Face folder
   demo                lightning-distill demo [--steps N ...]: distil the embedded teacher and print what it achieved
   prepare             lightning-distill prepare --corpus SOURCES --out DIR --tokenizer NAME: tokenize a corpus once
                       into chunks that DistillDataModule(corpus=DIR) streams (needs lightning-distill[scale])
+  serve               lightning-distill serve --teacher NAME [--port 8000]: a teacher behind an HTTP server, for
+                      SoftDistill(teacher="http://HOST:PORT") (needs lightning-distill[serve])
 """
 
 
@@ -43,6 +47,11 @@ class DistillCLI(LightningCLI):
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
         kwargs.setdefault("parser_kwargs", {"epilog": EPILOG, "formatter_class": argparse.RawDescriptionHelpFormatter})
         super().__init__(DistillModule, DistillDataModule, subclass_mode_model=True, **kwargs)
+
+    def _parse_ckpt_path(self) -> None:
+        """Nothing: the configuration given (YAML and command line) is the run's. Lightning would merge a checkpoint
+        file's saved hyperparameters over it (the modules save typed values, not the CLI's dicts), which also made
+        ``--ckpt_path FILE`` ignore overrides that ``--ckpt_path last`` applies."""
 
     def instantiate_classes(self) -> None:
         """With ``--ckpt_path``, build the model from the checkpoint (its student config and tokenizer: the
@@ -56,6 +65,8 @@ class DistillCLI(LightningCLI):
             stored = checkpoint.read(path, "--ckpt_path")
         with checkpoint.restoring(stored):
             super().instantiate_classes()
+        if not any(isinstance(c, ReuseFreedMemory) for c in self.trainer.callbacks):  # the CLI owns the process
+            self.trainer.callbacks.append(ReuseFreedMemory())
         run_id = (stored or {}).get(checkpoint.KEY, {}).get("wandb_run_id")
         for logger in self.trainer.loggers if run_id else []:
             if isinstance(logger, OfflineFirstWandbLogger) and not logger._wandb_init.get("id"):
@@ -89,8 +100,8 @@ def export(argv: list[str]) -> str:
 
 def load_checkpoint(path: str) -> DistillModule:
     """Load a checkpoint of any method: the class is read from the checkpoint; the teacher's folder is not needed
-    (:mod:`lightning_distill.checkpoint`). A missing file, or one that is not a lightning_distill checkpoint, is a
-    ``ValueError`` that says so."""
+    (:mod:`lightning_distill.modules.checkpoint`). A missing file, or one that is not a lightning_distill checkpoint,
+    is a ``ValueError`` that says so."""
     from lightning_distill import modules
 
     name = checkpoint.method_name(checkpoint.read(path, "--ckpt"))
@@ -102,11 +113,12 @@ def load_checkpoint(path: str) -> DistillModule:
 
 def main(argv: list[str] | None = None) -> None:
     """Entry point of ``lightning-distill`` and ``python -m lightning_distill``. A bad argument or input (a
-    ``ValueError``, or a file that is missing or in the way) is shown as one message, without the traceback
+    ``ValueError``, a file that is missing or in the way, a teacher server gone for good) is shown as one message,
+    without the traceback
     (``LIGHTNING_DISTILL_TRACEBACK=1`` shows it); the exit status is then 2."""
     try:
         run(sys.argv[1:] if argv is None else list(argv), argv is None)
-    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError) as error:
+    except (ValueError, FileNotFoundError, FileExistsError, NotADirectoryError, ConnectionError) as error:
         if os.environ.get("LIGHTNING_DISTILL_TRACEBACK"):
             raise
         print(f"lightning-distill: error: {user_error(error)}\n(LIGHTNING_DISTILL_TRACEBACK=1 shows where it was "
@@ -138,5 +150,9 @@ def run(words: list[str], from_sys_argv: bool = False) -> None:
         from lightning_distill.demo import main as demo_main
 
         demo_main(words[1:])
+    elif words and words[0] == "serve":
+        from lightning_distill.serve.command import main as serve_main
+
+        serve_main(words[1:])
     else:
         DistillCLI(args=None if from_sys_argv else words)  # None: LightningCLI reads sys.argv itself

@@ -34,10 +34,8 @@ import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
-from lightning_distill import checks
 from lightning_distill.losses import IGNORE_INDEX
-
-FEATURE_LOSSES = ("cosine", "mse")
+from lightning_distill.options import Features
 
 
 def token_feature_loss(student: Tensor, teacher: Tensor, kind: str = "cosine") -> Tensor:
@@ -57,7 +55,7 @@ def token_feature_loss(student: Tensor, teacher: Tensor, kind: str = "cosine") -
     if kind == "mse":
         size = (student.shape[-1],)
         return (F.layer_norm(student, size) - F.layer_norm(teacher, size)).pow(2).mean(-1)
-    raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES}, got {kind!r}")
+    raise ValueError(f"features.loss must be 'cosine' or 'mse', got {kind!r}")
 
 
 def feature_loss(student: Tensor, teacher: Tensor, mask: Tensor, kind: str = "cosine") -> Tensor:
@@ -100,36 +98,18 @@ class Recording:
     teacher: dict[int, Tensor] = field(default_factory=dict)
 
 
-def check_arguments(feature_weight: float, feature_loss: str, feature_layers: dict[int, int] | None) -> None:
-    """Raise ``ValueError`` naming the argument for a weight that is not a number >= 0, an unknown loss name, or a
-    layer map that is not ``{student layer: teacher layer}`` with integer indices >= 0."""
-    checks.number("feature_weight", feature_weight, ">= 0 (0 turns feature distillation off)", lambda v: v >= 0,
-                  "1.0")
-    if feature_loss not in FEATURE_LOSSES:
-        raise ValueError(f"feature_loss must be one of {FEATURE_LOSSES}, got {feature_loss!r}")
-    if feature_layers is None:
-        return
-    if not isinstance(feature_layers, dict) or not feature_layers or not all(
-            isinstance(i, int) and not isinstance(i, bool) and i >= 0 for pair in feature_layers.items()
-            for i in pair):
-        raise ValueError(f"feature_layers must map student layer indices to teacher layer indices (integers >= 0), "
-                         f"e.g. {{0: 0, 1: 5}}, got {feature_layers!r}")
-
-
 class FeatureMatcher(nn.Module):
     """The feature term of a distillation module: which layers are matched, the projection, the loss.
 
     Args:
-        loss: ``"cosine"`` or ``"mse"`` (see the module docstring).
-        layers: ``{student layer: teacher layer}``; ``None``: each student layer to its counterpart, given to
-            :meth:`bind`.
+        options: the loss and the layer map (``layers=None``: each student layer to its counterpart, given to
+            :meth:`bind`).
     """
 
-    def __init__(self, loss: str = "cosine", layers: dict[int, int] | None = None) -> None:
+    def __init__(self, options: Features) -> None:
         super().__init__()
-        check_arguments(1.0, loss, layers)
-        self.kind = loss
-        self.requested = None if layers is None else {int(s): int(t) for s, t in layers.items()}
+        self.kind = options.loss
+        self.requested = None if options.layers is None else {int(s): int(t) for s, t in options.layers.items()}
         self.layer_map: dict[int, int] = {}
         self.projection: nn.Linear | None = None
 
@@ -143,13 +123,13 @@ class FeatureMatcher(nn.Module):
                 (``None`` when one was).
 
         Raises:
-            ValueError: naming ``feature_layers`` for an index outside either model.
+            ValueError: naming ``features.layers`` for an index outside either model.
         """
         student_layers, teacher_layers = student_config.num_hidden_layers, teacher_config.num_hidden_layers
         layer_map = self.requested if self.requested is not None else dict(enumerate(counterparts))
         bad = {s: t for s, t in layer_map.items() if s >= student_layers or t >= teacher_layers}
         if bad:
-            raise ValueError(f"feature_layers={layer_map} maps {bad} outside the models: the student has layers "
+            raise ValueError(f"features.layers={layer_map} maps {bad} outside the models: the student has layers "
                              f"0..{student_layers - 1}, the teacher 0..{teacher_layers - 1}")
         self.layer_map = dict(sorted(layer_map.items()))
         widths = (student_config.hidden_size, teacher_config.hidden_size)

@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_distill import checks
 from lightning_distill.backbone import cache_dir, tokenizer_fingerprint
 from lightning_distill.files import atomic_write
 from lightning_distill.losses import IGNORE_INDEX
@@ -37,13 +38,9 @@ class GenerationSettings:
     top_p: float = 1.0
 
     def __post_init__(self) -> None:
-        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or (
-                self.max_new_tokens < 1):
-            raise ValueError(f"max_new_tokens must be an integer >= 1, got {self.max_new_tokens!r}")
-        if self.temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        checks.integer("max_new_tokens", self.max_new_tokens, ">= 1", lambda v: v >= 1, "64")
+        checks.number("temperature", self.temperature, "> 0", lambda v: v > 0, "1.0")
+        checks.number("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1, "1.0")
 
 
 @torch.no_grad()

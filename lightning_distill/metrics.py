@@ -6,7 +6,7 @@
   is the teacher's; ``teacher_ce`` (and ``teacher_ppl``): the teacher's own cross-entropy. From a live teacher's
   logits (:func:`against_logits`), or from stored labels (:func:`against_stored`), where the KL is the exact KL of
   both distributions coarse-grained to the stored ids + the rest (top-k) or an unbiased estimate (sampled);
-- with ``eval_new_tokens > 0`` (on-policy view, :func:`lightning_distill.signals.sampled.greedy_scores`):
+- with ``validation.new_tokens > 0`` (on-policy view, :func:`lightning_distill.signals.sampled.greedy_scores`):
   ``teacher_logprob``, the teacher's mean log-prob of the student's own greedy continuations of held-out prompts,
   and ``on_policy_rkl``, KL(student || teacher) on them.
 
@@ -19,8 +19,7 @@ import torch
 from torch import Tensor
 from torchmetrics import MeanMetric
 
-from lightning_distill import losses, sparse
-from lightning_distill.losses import IGNORE_INDEX
+from lightning_distill.losses import IGNORE_INDEX, ForwardKL, cross_entropy, reduce_tokens, sampled_kl, topk_forward_kl
 
 #: token-weighted validation means; ``ce`` and ``teacher_ce`` are also logged as perplexities
 NAMES = ("ce", "kl", "agreement", "teacher_ce", "teacher_logprob", "on_policy_rkl")
@@ -37,9 +36,9 @@ def agreement(student_logits: Tensor, teacher_picks: Tensor, labels: Tensor) -> 
 def against_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:
     """``kl``, ``agreement`` and ``teacher_ce`` of float student logits (B, T, V) against teacher logits."""
     teacher_logits = teacher_logits.float()
-    return {"kl": losses.forward_kl(student_logits, teacher_logits, labels),
+    return {"kl": ForwardKL()(student_logits, teacher_logits, labels),
             "agreement": agreement(student_logits, teacher_logits.argmax(-1), labels),
-            "teacher_ce": losses.cross_entropy(teacher_logits, labels)}
+            "teacher_ce": cross_entropy(teacher_logits, labels)}
 
 
 def against_stored(student_logits: Tensor, stored: dict[str, Tensor], labels: Tensor,
@@ -52,11 +51,10 @@ def against_stored(student_logits: Tensor, stored: dict[str, Tensor], labels: Te
     if temperature != 1.0:
         return out
     if "topk_ids" in stored:
-        out["kl"] = sparse.topk_forward_kl(student_logits, stored["topk_ids"], stored["topk_logprobs"], labels,
-                                           tail="bucket")
+        out["kl"] = topk_forward_kl(student_logits, stored["topk_ids"], stored["topk_logprobs"], labels, tail="bucket")
     elif "sample_ids" in stored:
-        cross = sparse.sampled_kl(student_logits, stored["sample_ids"], stored["sample_weights"], labels)
-        out["kl"] = cross - losses.reduce_tokens(stored["entropy"].reshape(-1).float(), labels)
+        cross = sampled_kl(student_logits, stored["sample_ids"], stored["sample_weights"], labels)
+        out["kl"] = cross - reduce_tokens(stored["entropy"].reshape(-1).float(), labels)
     return out
 
 

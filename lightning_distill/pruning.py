@@ -25,6 +25,8 @@ import torch
 from torch import Tensor, nn
 from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokenizerBase
 
+from lightning_distill.checks import choice, require
+
 SELECT = ("evenly", "importance")
 TEACHER_LAYERS = "distill_teacher_layers"  #: the student config field holding the kept teacher layer indices
 CALIBRATION_CORPUS = "builtin:python-docs"
@@ -39,8 +41,7 @@ def evenly_spaced(total: int, keep: int) -> list[int]:
     >>> evenly_spaced(30, 6)
     [0, 6, 12, 17, 23, 29]
     """
-    if not 1 <= keep <= total:
-        raise ValueError(f"layers must be between 1 and the teacher's {total} layers, got {keep}")
+    require(1 <= keep <= total, "student.from_teacher.layers", keep, f"between 1 and the teacher's {total} layers")
     if keep == 1:
         return [total - 1]
     return [round(i * (total - 1) / (keep - 1)) for i in range(keep)]
@@ -77,21 +78,17 @@ def select_layers(teacher: PreTrainedModel, layers: int | list[int] | None, sele
         if select != "evenly":
             raise ValueError(f"student.from_teacher.select={select!r} chooses among a number of layers, but layers "
                              f"is the list {list(layers)}: drop select, or give layers as a number")
-        if not layers or not all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total for i in layers):
-            raise ValueError(f"student.from_teacher.layers must list teacher layer indices in [0, {total - 1}], "
-                             f"got {list(layers)}")
-        if len(set(layers)) != len(layers):
-            raise ValueError(f"student.from_teacher.layers lists a teacher layer twice: {list(layers)}; give each "
-                             "index once")
-        if list(layers) != sorted(layers):
-            raise ValueError(f"student.from_teacher.layers must be in increasing order (layers keep their depth "
-                             f"order), got {list(layers)}: write {sorted(layers)}")
-        return list(layers)
-    if not isinstance(layers, int) or isinstance(layers, bool):
-        raise ValueError(f"student.from_teacher.layers must be an integer or a list of teacher layer indices, got "
-                         f"{layers!r}")
-    if select not in SELECT:
-        raise ValueError(f"student.from_teacher.select must be one of {SELECT}, got {select!r}")
+        name, given = "student.from_teacher.layers", list(layers)
+        indices = bool(layers) and all(isinstance(i, int) and not isinstance(i, bool) and 0 <= i < total
+                                       for i in layers)
+        require(indices, name, given, f"a list of teacher layer indices in [0, {total - 1}]")
+        require(len(set(layers)) == len(layers), name, given, "a list of distinct teacher layers", "give each once")
+        require(given == sorted(layers), name, given, "in increasing order (layers keep their depth order)",
+                f"write {sorted(layers)}")
+        return given
+    require(isinstance(layers, int) and not isinstance(layers, bool), "student.from_teacher.layers", layers,
+            "an integer or a list of teacher layer indices")
+    choice("student.from_teacher.select", select, SELECT)
     kept = evenly_spaced(total, layers)  # checks the range
     if select == "evenly":
         return kept
@@ -192,7 +189,7 @@ def counterparts(student_config: Any, teacher_layers: int) -> list[int]:
     when recorded and within a teacher of ``teacher_layers`` layers), else evenly spaced ones.
 
     Raises:
-        ValueError: a student deeper than the teacher without a recorded map (name ``feature_layers``).
+        ValueError: a student deeper than the teacher without a recorded map (name ``features.layers``).
     """
     depth = student_config.num_hidden_layers
     recorded = getattr(student_config, TEACHER_LAYERS, None)
@@ -201,7 +198,7 @@ def counterparts(student_config: Any, teacher_layers: int) -> list[int]:
         return list(recorded)
     if depth > teacher_layers:
         raise ValueError(f"the student has {depth} layers, the teacher {teacher_layers}: there is no evenly spaced "
-                         "teacher layer for each; give feature_layers={student_layer: teacher_layer, ...}")
+                         "teacher layer for each; give features.layers={student_layer: teacher_layer, ...}")
     return evenly_spaced(teacher_layers, depth)
 
 

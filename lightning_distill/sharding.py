@@ -14,7 +14,7 @@ The plan, per model:
 - student: each decoder layer is a unit; the rest (embedding, final norm, output head, tied in SmolLM2) is the
   unit ``"student"``, which FSDP1 keeps gathered through the whole training step (the root unit) and FSDP2 gathers
   for the student's forward and keeps until backward (its root): the loss calls the head after the forward,
-  chunk by chunk (:mod:`lightning_distill.chunked`), and needs the whole weight there.
+  chunk by chunk (:mod:`lightning_distill.losses.distill`), and needs the whole weight there.
 - frozen teacher, ``teacher_sharding="shard"``: each decoder layer is a unit in the teacher's own dtype, never
   cast (no mixed-precision policy), with no gradient and no optimizer state; its embedding, final norm and head
   are replicated (whole on every rank, in its dtype), so the loss can call its head at any time. The teacher is
@@ -25,7 +25,10 @@ The plan, per model:
   mixed-precision policy as the student; optimized and checkpointed like the student.
 
 A model sharded by FSDP2 is called through its root (``register_fsdp_forward_method``), so its final hidden
-states come from :func:`final_hidden`; without FSDP that is the decoder call it always was.
+states come from :func:`lightning_distill.backbone.final_hidden`; without FSDP that is the decoder call it always was.
+
+The functions here are given the LightningModule only as the ``nn.Module`` that holds the two models (its submodules
+``student`` and ``teacher``) and the method's settings as arguments; they know no method.
 """
 
 from __future__ import annotations
@@ -35,19 +38,16 @@ import types
 from collections.abc import Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
-from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy
+from lightning.pytorch.strategies import FSDPStrategy, ModelParallelStrategy, Strategy
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor, nn
 
-if TYPE_CHECKING:
-    from lightning_distill.modules.base import DistillModule
+from lightning_distill.backbone import HIDDEN_METHOD, decoder_hidden
 
-TEACHER_SHARDING = ("shard", "replicate")
-HIDDEN_METHOD = "distill_final_hidden"  # the method FSDP2 treats as a forward of a sharded model
 _FSDP1_PREFIX = "_fsdp_wrapped_module."
 
 
@@ -127,29 +127,35 @@ def rest_paths(model: nn.Module, layers: list[str]) -> list[str]:
     return walk("", model)
 
 
-def plan(module: DistillModule) -> Plan:
-    """The sharding plan of a built module (see the module docstring); raises ``ValueError`` naming the setting
-    to change when its models cannot be laid out so."""
-    if module.student is None:
+def plan(root: nn.Module, trains_teacher: bool, teacher_sharding: str) -> Plan:
+    """The sharding plan of ``root``'s built models (its submodules ``student`` and, if any, ``teacher``; see the
+    module docstring); raises ``ValueError`` naming the setting to change when they cannot be laid out so.
+
+    Args:
+        root: the module holding the two models (the LightningModule).
+        trains_teacher: the teacher is trained (CoDistill), not frozen.
+        teacher_sharding: a frozen teacher's layout, ``"shard"`` or ``"replicate"``.
+    """
+    student, teacher = getattr(root, "student", None), getattr(root, "teacher", None)
+    if student is None:
         raise RuntimeError("call configure_model() before planning the sharding (the Trainer does)")
-    unit_paths: list[tuple[str, str, bool]] = [(f"student.{p}", "student", False)
-                                               for p in layer_paths(module.student)]
+    unit_paths: list[tuple[str, str, bool]] = [(f"student.{p}", "student", False) for p in layer_paths(student)]
     replicated: list[str] = []
-    if module.teacher is not None:
-        frozen = not module.trains_teacher
-        if frozen and module.teacher_sharding == "replicate":
+    if teacher is not None:
+        frozen = not trains_teacher
+        if frozen and teacher_sharding == "replicate":
             replicated = ["teacher"]
         else:
-            layers = layer_paths(module.teacher)
+            layers = layer_paths(teacher)
             unit_paths += [(f"teacher.{p}", "teacher", frozen) for p in layers]
             if frozen:
-                replicated = [f"teacher.{p}" for p in rest_paths(module.teacher, layers)]
+                replicated = [f"teacher.{p}" for p in rest_paths(teacher, layers)]
             else:
                 unit_paths.append(("teacher", "teacher", False))
     unit_paths.append(("student", "student", False))
     held: dict[str, list[tuple[str, Tensor]]] = {path: [] for path, _, _ in unit_paths}
     replicated_params = []
-    for name, param in module.named_parameters():
+    for name, param in root.named_parameters():
         clean = name.replace(_FSDP1_PREFIX, "")
         if any(clean.startswith(p + ".") for p in replicated):
             replicated_params.append(clean)
@@ -170,52 +176,49 @@ def plan(module: DistillModule) -> Plan:
     return Plan(tuple(units), tuple(replicated), tuple(replicated_params))
 
 
-def check_supported(module: DistillModule, world_size: int) -> None:
-    """Raise ``ValueError`` for the settings that do not shard: a stale teacher copy (CoDistill ``stale_every``)
-    and, over several ranks, live teacher continuations generated by each rank for the prompts missing from its own
-    cache (HardDistill ``mode='generate'``: the ranks would run different numbers of sharded forwards)."""
-    if getattr(module.signal, "stale_every", 0) > 0:
-        raise ValueError(f"stale_every={module.signal.stale_every} keeps an unsharded copy of the teacher, which FSDP "
-                         "cannot give: set stale_every=0, or train with DDP")
-    live_generate = getattr(module, "mode", None) == "generate" and module.teacher is not None
-    if live_generate and world_size > 1 and not module.trains_teacher and module.teacher_sharding == "shard":
-        raise ValueError("mode='generate' with a sharded live teacher would generate a different number of steps on "
-                         "each rank: set teacher_sharding='replicate', or train from a generate label store (labels=)")
-
-
 # ------------------------------------------------------------------------------------------------ wrapping
-def prepare(module: DistillModule) -> None:
-    """Lay the built models out for the Trainer's strategy: FSDP1 (``FSDPStrategy``) or FSDP2
-    (``ModelParallelStrategy``); nothing for any other strategy. Called by ``configure_model``; idempotent."""
-    strategy = module._trainer.strategy if module._trainer is not None else None
+def prepare(root: nn.Module, strategy: Strategy | None, trains_teacher: bool, teacher_sharding: str,
+            unsupported: str | None = None) -> None:
+    """Lay ``root``'s built models out for the Trainer's strategy: FSDP1 (``FSDPStrategy``) or FSDP2
+    (``ModelParallelStrategy``); nothing for any other strategy. Called by ``configure_model``; idempotent.
+
+    Args:
+        root: the module holding the two models (the LightningModule).
+        strategy: the Trainer's strategy (``None`` outside a Trainer).
+        trains_teacher: the teacher is trained (CoDistill), not frozen.
+        teacher_sharding: a frozen teacher's layout, ``"shard"`` or ``"replicate"``.
+        unsupported: why the method's settings cannot be sharded on this many ranks (raised as a ``ValueError``
+            when the strategy shards), ``None`` when they can.
+    """
     if not isinstance(strategy, (FSDPStrategy, ModelParallelStrategy)):
         return
-    if not getattr(module, "_forgives_frozen_teacher", False):
-        module.register_load_state_dict_post_hook(_forgive_frozen_teacher)
-        module._forgives_frozen_teacher = True
+    if not getattr(root, "_forgives_frozen_teacher", False) and not trains_teacher:
+        root.register_load_state_dict_post_hook(_forgive_frozen_teacher)
+        root._forgives_frozen_teacher = True
     if isinstance(strategy, FSDPStrategy):
-        _prepare_fsdp1(module, strategy)
+        _prepare_fsdp1(root, strategy, trains_teacher, teacher_sharding, unsupported)
     else:
-        _apply_fsdp2(module, strategy)
+        _apply_fsdp2(root, strategy, trains_teacher, teacher_sharding, unsupported)
 
 
-def _forgive_frozen_teacher(module: DistillModule, incompatible: Any) -> None:
+def _forgive_frozen_teacher(root: nn.Module, incompatible: Any) -> None:
     """A load_state_dict post-hook: a checkpoint holds no frozen teacher (it is reloaded from its name), so its
     keys are expected to be missing. FSDP loads the weights before ``on_load_checkpoint`` could add them back."""
-    if not module.trains_teacher:
-        kept = [k for k in incompatible.missing_keys if not k.replace(_FSDP1_PREFIX, "").startswith("teacher.")]
-        incompatible.missing_keys[:] = kept
+    kept = [k for k in incompatible.missing_keys if not k.replace(_FSDP1_PREFIX, "").startswith("teacher.")]
+    incompatible.missing_keys[:] = kept
 
 
-def _prepare_fsdp1(module: DistillModule, strategy: FSDPStrategy) -> None:
+def _prepare_fsdp1(root: nn.Module, strategy: FSDPStrategy, trains_teacher: bool, teacher_sharding: str,
+                   unsupported: str | None) -> None:
     """Give the strategy the plan as its wrap policy and ignored modules; Lightning wraps in its ``setup``."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp.wrap import CustomPolicy
 
-    if any(isinstance(m, FullyShardedDataParallel) for m in module.modules()):
+    if any(isinstance(m, FullyShardedDataParallel) for m in root.modules()):
         return  # wrapped by an earlier run
-    check_supported(module, strategy.world_size)
-    layout = plan(module)
+    if unsupported:
+        raise ValueError(unsupported)
+    layout = plan(root, trains_teacher, teacher_sharding)
     frozen = [u for u in layout.units if u.frozen and u.dtype != torch.float32]
     if frozen and strategy.precision_plugin.precision == "32-true":
         rank_zero_warn(f"FSDPStrategy with precision='32-true' casts every weight to float32, the frozen teacher's "
@@ -225,7 +228,7 @@ def _prepare_fsdp1(module: DistillModule, strategy: FSDPStrategy) -> None:
     decisions: dict[nn.Module, dict[str, Any]] = {}
     for unit in layout.units:
         if unit.name != "student":  # the student's rest stays in the root unit, which Lightning makes
-            decisions[module.get_submodule(unit.name)] = {"mixed_precision": None} if unit.frozen else trained
+            decisions[root.get_submodule(unit.name)] = {"mixed_precision": None} if unit.frozen else trained
     if strategy.kwargs.get("auto_wrap_policy") is not None and not getattr(strategy.kwargs["auto_wrap_policy"],
                                                                              "lightning_distill", False):
         rank_zero_warn("FSDPStrategy(auto_wrap_policy=...) is replaced by the distillation plan "
@@ -234,7 +237,7 @@ def _prepare_fsdp1(module: DistillModule, strategy: FSDPStrategy) -> None:
     policy.lightning_distill = True
     strategy.kwargs["auto_wrap_policy"] = policy
     strategy.kwargs.pop("ignored_modules", None)
-    replicated = [module.get_submodule(path) for path in layout.replicated]
+    replicated = [root.get_submodule(path) for path in layout.replicated]
     if replicated:
         strategy.kwargs["ignored_states"] = replicated
         for part in replicated:  # FSDP moves only what it shards
@@ -243,61 +246,54 @@ def _prepare_fsdp1(module: DistillModule, strategy: FSDPStrategy) -> None:
         strategy.kwargs.pop("ignored_states", None)
 
 
-def _apply_fsdp2(module: DistillModule, strategy: ModelParallelStrategy) -> None:
-    """``fully_shard`` each unit over the data-parallel mesh; models are roots called through :func:`final_hidden`
-    or their forward."""
+def _apply_fsdp2(root: nn.Module, strategy: ModelParallelStrategy, trains_teacher: bool, teacher_sharding: str,
+                 unsupported: str | None) -> None:
+    """``fully_shard`` each unit over the data-parallel mesh; models are roots called through
+    :func:`~lightning_distill.backbone.final_hidden` or their forward."""
     from torch.distributed.fsdp import FSDPModule, fully_shard, register_fsdp_forward_method
 
-    if isinstance(module.student, FSDPModule):
+    student, teacher = root.student, getattr(root, "teacher", None)
+    if isinstance(student, FSDPModule):
         return
-    check_supported(module, strategy.world_size)
+    if unsupported:
+        raise ValueError(unsupported)
     mesh = strategy.device_mesh
     if mesh["tensor_parallel"].size() > 1:
         raise ValueError(f"tensor_parallel_size={mesh['tensor_parallel'].size()}: the distillation modules shard "
                          "by FSDP only: set ModelParallelStrategy(data_parallel_size=N, tensor_parallel_size=1)")
     mesh = mesh["data_parallel"]
-    layout = plan(module)
+    layout = plan(root, trains_teacher, teacher_sharding)
     for unit in layout.units:
         if unit.name not in ("student", "teacher"):
-            fully_shard(module.get_submodule(unit.name), mesh=mesh)  # no cast: a frozen teacher keeps its dtype
-    roots = [module.student]
-    if module.teacher is not None and "teacher" not in layout.replicated:
-        kept = {p for path in layout.replicated for p in module.get_submodule(path).parameters()}
-        fully_shard(module.teacher, mesh=mesh, ignored_params=kept or None)
-        roots.append(module.teacher)
-    fully_shard(module.student, mesh=mesh)
+            fully_shard(root.get_submodule(unit.name), mesh=mesh)  # no cast: a frozen teacher keeps its dtype
+    roots = [student]
+    if teacher is not None and "teacher" not in layout.replicated:
+        kept = {p for path in layout.replicated for p in root.get_submodule(path).parameters()}
+        fully_shard(teacher, mesh=mesh, ignored_params=kept or None)
+        roots.append(teacher)
+    fully_shard(student, mesh=mesh)
     for model in roots:
-        setattr(model, HIDDEN_METHOD, types.MethodType(_decoder_hidden, model))
+        setattr(model, HIDDEN_METHOD, types.MethodType(decoder_hidden, model))
         register_fsdp_forward_method(model, HIDDEN_METHOD)
 
 
-# ------------------------------------------------------------------------------------------- calling models
-def _decoder_hidden(model: nn.Module, input_ids: Tensor, **inputs: Tensor | None) -> Tensor:
-    return model.get_decoder()(input_ids=input_ids, **inputs).last_hidden_state
-
-
-def final_hidden(model: nn.Module, input_ids: Tensor, **inputs: Tensor | None) -> Tensor:
-    """A causal LM's final hidden states (B, T, H), after its last norm and before its head, of ``input_ids``
-    (B, T) and optional decoder ``inputs`` (``attention_mask``, ``position_ids``); through the model's root when
-    FSDP2 shards it, so its embedding, norm and head are gathered, and stay so for the loss."""
-    forward = getattr(model, HIDDEN_METHOD, None)
-    return forward(input_ids, **inputs) if forward is not None else _decoder_hidden(model, input_ids, **inputs)
-
-
-def _fsdp1_root(module: nn.Module) -> nn.Module | None:
-    """The FSDP1 wrapper Lightning put around ``module``, if any."""
+# -------------------------------------------------------------------------------------------- sharded state
+def _fsdp1_root(strategy: Strategy | None) -> nn.Module | None:
+    """The FSDP1 wrapper Lightning put around the LightningModule, if any."""
     from torch.distributed.fsdp import FullyShardedDataParallel
 
-    trainer = module._trainer
-    root = trainer.strategy.model if trainer is not None and isinstance(trainer.strategy, FSDPStrategy) else None
+    root = strategy.model if isinstance(strategy, FSDPStrategy) else None
     return root if isinstance(root, FullyShardedDataParallel) else None
 
 
 def is_sharded(module: nn.Module) -> bool:
-    """Whether FSDP (1 or 2) shards any part of ``module``."""
+    """Whether any of ``module``'s weights are split across ranks: FSDP (1 or 2) units, or DeepSpeed ZeRO-3's
+    partitioned parameters. Then every rank must take every forward together (generation included)."""
     from torch.distributed.fsdp import FSDPModule, FullyShardedDataParallel
 
-    return any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules())
+    if any(isinstance(m, (FSDPModule, FullyShardedDataParallel)) for m in module.modules()):
+        return True
+    return any(hasattr(p, "ds_id") for p in module.parameters())
 
 
 def is_rank_zero() -> bool:
@@ -306,13 +302,13 @@ def is_rank_zero() -> bool:
 
 
 @contextmanager
-def gathered(module: DistillModule) -> Iterator[None]:
+def gathered(strategy: Strategy | None) -> Iterator[None]:
     """Outside a training or validation step, gather what FSDP1's root unit holds (the student's embedding, norm
     and head) so the models can be called (generation); FSDP2 and unsharded models need nothing. Collective."""
     from torch.distributed.fsdp import FullyShardedDataParallel
     from torch.distributed.fsdp._common_utils import TrainingState
 
-    root = _fsdp1_root(module)
+    root = _fsdp1_root(strategy)
     idle = root is not None and root.training_state == TrainingState.IDLE  # inside a step it is gathered already
     context = FullyShardedDataParallel.summon_full_params(root, recurse=False, writeback=False) if idle else (
         nullcontext())
@@ -320,20 +316,20 @@ def gathered(module: DistillModule) -> Iterator[None]:
         yield
 
 
-def student_state_dict(module: DistillModule) -> dict[str, Tensor] | None:
-    """The student's full weights on CPU, gathered on rank 0 (empty elsewhere); ``None`` when nothing is sharded.
-    Collective: every rank must call it."""
+def student_state_dict(root: nn.Module, strategy: Strategy | None) -> dict[str, Tensor] | None:
+    """The student's (``root.student``) full weights on CPU, gathered on rank 0 (empty elsewhere); ``None`` when
+    nothing is sharded. Collective: every rank must call it."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
     from torch.distributed.fsdp import FullStateDictConfig, FullyShardedDataParallel, StateDictType
 
-    if not is_sharded(module):
+    if not is_sharded(root):
         return None
-    root = _fsdp1_root(module)
-    if root is None:  # FSDP2
-        return get_model_state_dict(module.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    config = FullStateDictConfig(offload_to_cpu=root.compute_device.type != "cpu", rank0_only=True)
-    with gathered(module), FullyShardedDataParallel.state_dict_type(root, StateDictType.FULL_STATE_DICT, config):
-        state = module.student.state_dict()  # the root unit's part points into gathered memory: copy it here
+    wrapper = _fsdp1_root(strategy)
+    if wrapper is None:  # FSDP2
+        return get_model_state_dict(root.student, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    config = FullStateDictConfig(offload_to_cpu=wrapper.compute_device.type != "cpu", rank0_only=True)
+    with gathered(strategy), FullyShardedDataParallel.state_dict_type(wrapper, StateDictType.FULL_STATE_DICT, config):
+        state = root.student.state_dict()  # the root unit's part points into gathered memory: copy it here
         state = {k.replace(_FSDP1_PREFIX, ""): v.detach().cpu().clone() for k, v in state.items()}
     return state if is_rank_zero() else {}
 

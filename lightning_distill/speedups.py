@@ -1,16 +1,16 @@
 """Faster models: ``torch.compile`` of the student's (and a frozen teacher's) decoder, and Liger Kernel's Triton
 kernels for Llama (RMSNorm, RoPE, SwiGLU) patched into them.
 
-Both are arguments of every method (:class:`~lightning_distill.modules.base.DistillModule`: ``compile_student``,
-``compile_teacher``, ``liger_kernels``, all off by default), checked when the module is built and applied once, when
-its models are (:func:`lightning_distill.modules.building.keep` calls :meth:`Speedups.apply`).
+Both are options of every method (:class:`~lightning_distill.options.Performance`: ``compile_student``,
+``compile_teacher``, ``liger_kernels``, all off by default), checked when the module is built (:func:`check`) and
+applied once, when its models are (:func:`apply`).
 
 - Compiling: the decoder (``model.get_decoder()``, embeddings, layers and final norm) is compiled in place with
   :meth:`torch.nn.Module.compile`: its parameter names, so checkpoints and exports, are unchanged, and both the
-  training path (final hidden states, :func:`lightning_distill.sharding.final_hidden`) and inference go through it.
-  The output heads are not compiled here: the loss applies them chunk by chunk (:mod:`lightning_distill.chunked`
+  training path (final hidden states, :func:`lightning_distill.backbone.final_hidden`) and inference go through it.
+  The output heads are not compiled here: the loss applies them chunk by chunk (:mod:`lightning_distill.losses.distill`
   has its own compiled chunk function). The first steps pay the compilation; generation (on-policy batches,
-  ``eval_new_tokens``) varies the sequence length and recompiles. Not with the feature term: it records the layers
+  ``validation.new_tokens``) varies the sequence length and recompiles. Not with the feature term: it records the layers
   with hooks added during a step, which a compiled graph may not call (``torch._dynamo.config
   .skip_nnmodule_hook_guards``); not combined with FSDP (untested).
 - Liger Kernel (https://github.com/linkedin/Liger-Kernel): ``apply_liger_kernel_to_llama`` on each Llama model
@@ -22,67 +22,54 @@ its models are (:func:`lightning_distill.modules.building.keep` calls :meth:`Spe
 from __future__ import annotations
 
 import importlib.util
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-if TYPE_CHECKING:
-    from lightning_distill.modules.base import DistillModule
+from lightning_distill.options import Performance
 
 INSTALL = "pip install 'lightning-distill[bench]' (or pip install liger-kernel)"
 
 
-@dataclass(frozen=True)
-class Speedups:
-    """What to apply to a module's models; the checks run when it is made.
+def check(options: Performance, trains_teacher: bool) -> None:
+    """Raise for settings that cannot apply here, before any model is loaded: a compiled teacher that is trained,
+    Liger Kernel without CUDA or without its package."""
+    if options.compile_teacher and trains_teacher:
+        raise ValueError("performance.compile_teacher=True compiles a frozen teacher, but this method trains its "
+                         "teacher: set compile_teacher=False (compile_student=True still compiles the student)")
+    if options.liger_kernels and not torch.cuda.is_available():
+        raise ValueError("performance.liger_kernels=True needs a CUDA device (Liger Kernel's kernels are Triton), and "
+                         "none is available: set liger_kernels=False")
+    if options.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
+        raise ImportError(f"performance.liger_kernels=True needs the liger-kernel package: {INSTALL}; or set "
+                          "liger_kernels=False")
 
-    Attributes:
-        compile_student: ``torch.compile`` the student's decoder.
-        compile_teacher: ``torch.compile`` the frozen teacher's decoder (not CoDistill's trained teacher).
-        liger_kernels: patch Liger Kernel's Llama kernels into the student and the teacher (CUDA only).
-        trains_teacher: the method trains its teacher (CoDistill).
+
+def apply(options: Performance, student: nn.Module, teacher: nn.Module | None, records_layers: bool) -> None:
+    """Patch and compile ``student`` and ``teacher`` as ``options`` ask, once (idempotent).
+
+    Args:
+        options: the method's performance options.
+        student: the student model.
+        teacher: the teacher model the run keeps, or ``None``.
+        records_layers: the method records layers with hooks (the feature term), which a compiled graph may not call.
     """
-
-    compile_student: bool = False
-    compile_teacher: bool = False
-    liger_kernels: bool = False
-    trains_teacher: bool = False
-
-    def __post_init__(self) -> None:
-        for name in ("compile_student", "compile_teacher", "liger_kernels"):
-            value = getattr(self, name)
-            if not isinstance(value, bool):
-                raise ValueError(f"{name} must be True or False, got {value!r}: e.g. {name}=False")
-        if self.compile_teacher and self.trains_teacher:
-            raise ValueError("compile_teacher=True compiles a frozen teacher, but this method trains its teacher: "
-                             "set compile_teacher=False (compile_student=True still compiles the student)")
-        if self.liger_kernels and not torch.cuda.is_available():
-            raise ValueError("liger_kernels=True needs a CUDA device (Liger Kernel's kernels are Triton), and none "
-                             "is available: set liger_kernels=False")
-        if self.liger_kernels and importlib.util.find_spec("liger_kernel") is None:
-            raise ImportError(f"liger_kernels=True needs the liger-kernel package: {INSTALL}; or set "
-                              "liger_kernels=False")
-
-    def apply(self, module: DistillModule) -> None:
-        """Patch and compile ``module``'s student and teacher as asked, once (idempotent)."""
-        if self.compile_teacher and module.teacher is None:
-            where = f"labels={module.hparams.get('labels')!r}" if module.hparams.get("labels") else "teacher=None"
-            raise ValueError(f"compile_teacher=True, but this run keeps no teacher in memory ({where}): set "
-                             "compile_teacher=False")
-        if (self.compile_student or self.compile_teacher) and getattr(module, "features", None) is not None:
-            raise ValueError("compile_student / compile_teacher compile the decoders whose layers the feature term "
-                             "records with hooks, which a compiled graph may not call: set feature_weight=0, or "
-                             "compile_student=False and compile_teacher=False")
-        models = [("student", module.student, self.compile_student), ("teacher", module.teacher, self.compile_teacher)]
-        for role, model, compiled in models:
-            if model is None:
-                continue
-            if self.liger_kernels:
-                liger_llama(model, role)
-            if compiled:
-                compile_decoder(model)
+    if options.compile_teacher and teacher is None:
+        raise ValueError("performance.compile_teacher=True, but this run keeps no teacher in memory (stored labels, "
+                         "or teacher=None): set compile_teacher=False")
+    if (options.compile_student or options.compile_teacher) and records_layers:
+        raise ValueError("performance.compile_student / compile_teacher compile the decoders whose layers the feature "
+                         "term records with hooks, which a compiled graph may not call: set features=None, or "
+                         "compile_student=False and compile_teacher=False")
+    for role, model, compiled in (("student", student, options.compile_student),
+                                  ("teacher", teacher, options.compile_teacher)):
+        if model is None:
+            continue
+        if options.liger_kernels:
+            liger_llama(model, role)
+        if compiled:
+            compile_decoder(model)
 
 
 def liger_llama(model: nn.Module, role: str) -> None:

@@ -47,6 +47,24 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     return str(make_tiny_model_dir(tmp_path_factory.mktemp("tiny_teacher")))
 
 
+@pytest.fixture(scope="session")
+def served_tiny_teacher(tiny_teacher_dir: str, tmp_path_factory: pytest.TempPathFactory):
+    """A real ``lightning-distill serve`` process of the tiny teacher on a free loopback port (float32), with an API
+    key that the session's clients read from ``$LIGHTNING_DISTILL_API_KEY``; shared by the session's tests and
+    stopped at its end, with every process it started (tests/serving.py)."""
+    import serving
+
+    key, old = "test-key", os.environ.get("LIGHTNING_DISTILL_API_KEY")
+    with serving.running(tiny_teacher_dir, tmp_path_factory.mktemp("server") / "serve.log", api_key=key) as server:
+        os.environ["LIGHTNING_DISTILL_API_KEY"] = key
+        try:
+            yield server
+        finally:
+            os.environ.pop("LIGHTNING_DISTILL_API_KEY")
+            if old is not None:
+                os.environ["LIGHTNING_DISTILL_API_KEY"] = old
+
+
 @pytest.fixture(autouse=True, scope="session")
 def _isolated_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Everything the tests cache (tokens, teacher generations) goes to a temporary folder, so the user's cache is

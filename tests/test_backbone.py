@@ -11,19 +11,10 @@ from lightning_distill.backbone import (
     build_student,
     check_tokenizers,
     count_parameters,
-    evenly_spaced,
     load_teacher,
     load_tokenizer,
     tokenizer_fingerprint,
 )
-
-
-def test_evenly_spaced_keeps_first_and_last():
-    assert evenly_spaced(30, 6) == [0, 6, 12, 17, 23, 29]
-    assert evenly_spaced(4, 4) == [0, 1, 2, 3]
-    assert evenly_spaced(4, 2) == [0, 3]
-    with pytest.raises(ValueError, match="layers must be between 1 and"):
-        evenly_spaced(4, 5)
 
 
 def test_load_teacher_is_frozen(tiny_teacher_dir):

@@ -1,5 +1,7 @@
 """Callbacks and the W&B logger: the online/offline decision, sample tables, config logging, the exported student,
-and a tiny offline W&B run of configs/soft.yaml whose run folder must hold the metrics, the config and the table."""
+a tiny offline W&B run of configs/soft.yaml whose run folder must hold the metrics, the config and the table; a
+CE-only run's teacher kept off the accelerator while it trains; CPU memory reuse (checked in fresh processes, since
+its effect is process-wide)."""
 
 from __future__ import annotations
 
@@ -11,11 +13,13 @@ import sys
 from pathlib import Path
 from types import SimpleNamespace
 
+import lightning as L
 import pytest
-from conftest import TINY_STUDENT
+import torch
+from conftest import TINY_STUDENT, requires_gpu, tiny_data, tiny_trainer
 from transformers import AutoModelForCausalLM
 
-from lightning_distill import SoftDistill
+from lightning_distill import Features, HardDistill, OnPolicy, SoftDistill, callbacks
 from lightning_distill.callbacks import (
     DEFAULT_PROMPTS,
     ExportStudent,
@@ -233,3 +237,141 @@ def test_wandb_offline_run_of_soft_config_holds_metrics_config_table_and_artifac
     assert [a.name for a in artifacts] == [f"student-{runs[0].name.rsplit('-', 1)[1]}"]
     assert AutoModelForCausalLM.from_pretrained(run / "student").config.num_hidden_layers == 2  # soft.yaml's export
     assert (run / "config.yaml").is_file()
+
+
+# ------------------------------------------------------------------------------------ idle teacher placement
+IDLE = torch.device("meta")  # on a CPU-only machine the idle place is told apart from the device by a spy
+
+
+class Probe(L.Callback):
+    """Where the spied teacher was last sent, seen at each training and validation batch."""
+
+    def __init__(self, moves: list[torch.device]) -> None:
+        self.moves, self.seen = moves, []
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self.seen.append(("train", self.moves[-1] if self.moves else None))
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.seen.append(("validation", self.moves[-1] if self.moves else None))
+
+
+def fit_with_spy(model: SoftDistill, tmp_path, monkeypatch) -> tuple[list[torch.device], Probe]:
+    monkeypatch.setattr(callbacks, "IDLE_DEVICE", IDLE)
+    model.configure_model()  # the Trainer's call is then a no-op: the spy stays on this teacher
+    moves: list[torch.device] = []
+    monkeypatch.setattr(model.teacher, "to", lambda device: moves.append(torch.device(device)) or model.teacher)
+    probe = Probe(moves)
+    tiny_trainer(tmp_path, max_steps=2, val_check_interval=1, limit_val_batches=1, callbacks=[probe]).fit(
+        model, tiny_data())
+    return moves, probe
+
+
+def test_a_ce_only_run_trains_with_its_teacher_off_the_device(tiny_teacher_dir, tmp_path, monkeypatch):
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=1.0)
+    moves, probe = fit_with_spy(model, tmp_path, monkeypatch)
+    cpu = torch.device("cpu")
+    assert probe.seen == [("train", IDLE), ("validation", cpu), ("train", IDLE), ("validation", cpu)]
+    assert moves[-1] == cpu  # back where it was when the fit ends
+    assert model.teacher is not None  # still there for validation and generation
+
+
+@pytest.mark.parametrize("kwargs", [{"ce_weight": 0.5}, {"ce_weight": 1.0, "features": Features(weight=1.0)}])
+def test_a_run_that_asks_its_teacher_keeps_it_in_place(tiny_teacher_dir, tmp_path, monkeypatch, kwargs):
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, **kwargs)
+    moves, probe = fit_with_spy(model, tmp_path, monkeypatch)
+    assert moves == [] and len(probe.seen) == 4
+
+
+def test_the_decision(tiny_teacher_dir):
+    ce_only = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=1.0)
+    assert not callbacks.teacher_idle_in_training(ce_only)  # no models yet
+    ce_only.configure_model()
+    assert callbacks.teacher_idle_in_training(ce_only)
+    on_policy = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=1.0,
+                            on_policy=OnPolicy(lmbda=0.5))
+    on_policy.configure_model()
+    assert not callbacks.teacher_idle_in_training(on_policy)
+    top1 = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="top1")
+    top1.configure_model()
+    assert not callbacks.teacher_idle_in_training(top1)  # its steps ask the teacher (a method that does not say)
+
+
+@requires_gpu
+def test_on_cuda_the_teacher_is_on_the_cpu_during_training_steps(tiny_teacher_dir, tmp_path):
+    class Where(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, str]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(("train", next(pl_module.teacher.parameters()).device.type))
+
+        def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+            self.seen.append(("validation", next(pl_module.teacher.parameters()).device.type))
+
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=1.0)
+    where = Where()
+    L.Trainer(accelerator="cuda", devices=1, max_steps=2, val_check_interval=1, limit_val_batches=1, logger=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              default_root_dir=str(tmp_path), callbacks=[where]).fit(model, tiny_data())
+    assert where.seen == [("train", "cpu"), ("validation", "cuda"), ("train", "cpu"), ("validation", "cuda")]
+    assert next(model.teacher.parameters()).device.type == "cuda"
+
+
+# ---------------------------------------------------------------------------------------- CPU memory reuse
+PROBE = """
+import json, resource, sys, torch
+from lightning_distill import callbacks
+applied = callbacks.reuse_freed_memory() if sys.argv[1] == "on" else False
+faults = []
+for _ in range(8):  # the same 256 MiB buffer, allocated, touched and freed eight times
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(64 * 2**20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"applied": applied, "again": callbacks.reuse_freed_memory() if applied else None,
+                  "faults": faults}))
+"""
+
+
+def malloc_probe(mode: str, **env: str) -> dict:
+    out = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **env}, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_freed_memory_is_reused_instead_of_faulted_in_again():
+    pages = 2**28 // 4096  # 256 MiB in 4 KiB pages
+    off, on = malloc_probe("off"), malloc_probe("on")
+    assert min(off["faults"][2:]) > pages // 2  # glibc maps a fresh block for every large tensor: pages fault again
+    assert on["applied"] and on["again"]  # idempotent
+    # the heap grows over the first few rounds (how many depends on what else the process allocated); then the
+    # freed block is reused: no round of the last four faults its pages in again
+    assert max(on["faults"][4:]) < pages // 20
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's mallopt: Linux only")
+def test_the_environment_turns_it_off():
+    assert malloc_probe("on", LIGHTNING_DISTILL_REUSE_MEMORY="0")["applied"] is False
+
+
+def test_memory_reuse_is_opt_in_and_a_cpu_trainer_applies_it_once(tiny_teacher_dir, tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(callbacks, "_MALLOC", {})
+    monkeypatch.setattr(callbacks, "reuse_freed_memory", lambda: calls.append(1) or False)  # not applied here
+    plain = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0)
+    plain.fit(SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tiny_data())
+    assert not any(isinstance(c, callbacks.ReuseFreedMemory) for c in plain.callbacks) and calls == []  # not asked
+    asked = tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0, callbacks=[callbacks.ReuseFreedMemory()])
+    asked.fit(SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tiny_data())
+    assert calls == [1]
+
+
+def test_the_cli_owns_its_process_and_applies_memory_reuse(tiny_teacher_dir, tmp_path):
+    from lightning_distill.cli import DistillCLI
+
+    cli = DistillCLI(args=["--model=lightning_distill.SoftDistill", f"--model.teacher={tiny_teacher_dir}",
+                           "--model.student.from_teacher.layers=2", "--data.corpus=builtin:python-docs",
+                           "--data.max_documents=4", f"--trainer.default_root_dir={tmp_path}",
+                           "--trainer.logger=false"], run=False)
+    assert sum(isinstance(c, callbacks.ReuseFreedMemory) for c in cli.trainer.callbacks) == 1

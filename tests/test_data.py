@@ -269,7 +269,7 @@ def test_trainer_fit_takes_the_tokenizer_from_the_module(tok):
         ({"text_field": ""}, "text_field"),
         ({"tokenizer": ""}, "tokenizer"),
         ({"corpus": []}, "corpus"),
-        ({"corpus": "builtin:nope"}, "unknown builtin corpus"),
+        ({"corpus": "builtin:nope"}, "corpus must be a known builtin corpus"),
     ],
 )
 def test_bad_arguments_raise_naming_them(kwargs, message):
@@ -329,7 +329,7 @@ def test_plan_predict_serves_the_planned_blocks_of_each_split(tok):
     assert torch.equal(next(iter(loaders[0]))["input_ids"][0], dm.val_blocks[3])
     dm.plan_predict(None)
     assert torch.cat([b["block_idx"] for b in dm.predict_dataloader()]).tolist() == list(range(66))
-    with pytest.raises(ValueError, match="plan_predict takes splits"):
+    with pytest.raises(ValueError, match="plan_predict's split must be one of 'train', 'validation', got 'test'"):
         dm.plan_predict({"test": [0]})
 
 

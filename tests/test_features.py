@@ -10,10 +10,10 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, tiny_data, tiny_trainer
 
-from lightning_distill import SoftDistill
+from lightning_distill import Features, Performance, SoftDistill
+from lightning_distill.backbone import final_hidden
 from lightning_distill.features import (
     FeatureMatcher,
-    check_arguments,
     feature_loss,
     token_feature_loss,
     valid_positions,
@@ -67,16 +67,17 @@ def test_valid_positions_follow_the_shifted_labels_and_padding():
 
 
 @pytest.mark.parametrize(("args", "message"), [
-    ((-1.0, "cosine", None), r"feature_weight must be a number >= 0"),
-    (("1", "cosine", None), r"feature_weight must be a number >= 0.*got the string '1'"),
-    ((1.0, "l1", None), r"feature_loss must be one of \('cosine', 'mse'\), got 'l1'"),
-    ((1.0, "cosine", [0, 1]), r"feature_layers must map student layer indices to teacher layer indices"),
-    ((1.0, "cosine", {0: -1}), r"feature_layers must map"),
-    ((1.0, "cosine", {}), r"feature_layers must map"),
+    ((-1.0, "cosine", None), r"features.weight must be a number > 0"),
+    ((0.0, "cosine", None), r"features.weight must be a number > 0 \(features=None turns the term off\)"),
+    (("1", "cosine", None), r"features.weight must be a number > 0.*got the string '1'"),
+    ((1.0, "l1", None), r"features.loss must be one of 'cosine', 'mse', got 'l1'"),
+    ((1.0, "cosine", [0, 1]), r"features.layers must be a map of student layer indices to teacher layer indices"),
+    ((1.0, "cosine", {0: -1}), r"features.layers must be a map"),
+    ((1.0, "cosine", {}), r"features.layers must be a map"),
 ])
 def test_bad_arguments_name_themselves(args, message):
     with pytest.raises(ValueError, match=message):
-        check_arguments(*args)
+        Features(*args)
 
 
 # ------------------------------------------------------------------------------------------ in SoftDistill
@@ -95,8 +96,9 @@ def step_parts(model: SoftDistill, batch: dict[str, torch.Tensor]) -> tuple[torc
     return model.training_step(batch, 0), parts
 
 
-def soft(teacher: str, **kwargs) -> SoftDistill:
-    model = SoftDistill(**{"teacher": teacher, "student": TINY_STUDENT, "teacher_dtype": None, **kwargs})
+def soft(teacher: str, chunk_size: int | None = None, **kwargs) -> SoftDistill:
+    performance = Performance(chunk_size=chunk_size, teacher_dtype=None)
+    model = SoftDistill(**{"teacher": teacher, "student": TINY_STUDENT, "performance": performance, **kwargs})
     model.configure_model()
     return model
 
@@ -110,8 +112,8 @@ def hooks_on(model: SoftDistill) -> int:
 def test_off_reproduces_the_loss_exactly(tiny_teacher_dir, chunk_size):
     batch = batch_of()
     before = soft(tiny_teacher_dir, chunk_size=chunk_size, ce_weight=0.3)
-    off = soft(tiny_teacher_dir, chunk_size=chunk_size, ce_weight=0.3, feature_weight=0.0, feature_loss="mse")
-    want = before.student_loss(batch["input_ids"], batch["labels"], before.signal.distribution(before, batch),
+    off = soft(tiny_teacher_dir, chunk_size=chunk_size, ce_weight=0.3, features=None)
+    want = before.student_loss(batch["input_ids"], batch["labels"], before.signal.distribution(before.run, batch),
                                ce_weight=0.3)  # the step as it was before the feature term existed
     (loss_a, parts_a), (loss_b, parts_b) = step_parts(before, batch), step_parts(off, batch)
     assert torch.equal(loss_a, loss_b) and torch.equal(parts_a["loss"], want["loss"])
@@ -122,13 +124,13 @@ def test_off_reproduces_the_loss_exactly(tiny_teacher_dir, chunk_size):
 
 @pytest.mark.parametrize("kind", ["cosine", "mse"])
 def test_zero_for_a_student_equal_to_its_teacher(tiny_teacher_dir, kind):
-    model = soft(tiny_teacher_dir, student={"from_teacher": {"layers": 4}}, feature_weight=1.0, feature_loss=kind)
+    model = soft(tiny_teacher_dir, student={"from_teacher": {"layers": 4}}, features=Features(weight=1.0, loss=kind))
     assert model.features.layer_map == {0: 0, 1: 1, 2: 2, 3: 3}
     _, parts = step_parts(model, batch_of())
     assert float(parts["feature_loss"].detach()) < 1e-6
     assert hooks_on(model) == 0  # the recording hooks are gone after the step
-    shifted = soft(tiny_teacher_dir, student={"from_teacher": {"layers": 4}}, feature_weight=1.0, feature_loss=kind,
-                   feature_layers={0: 1, 3: 3})
+    shifted = soft(tiny_teacher_dir, student={"from_teacher": {"layers": 4}},
+                   features=Features(weight=1.0, loss=kind, layers={0: 1, 3: 3}))
     _, parts = step_parts(shifted, batch_of())
     assert float(parts["feature_loss"].detach()) > 1e-4  # student layer 0 against teacher layer 1 differs
 
@@ -136,24 +138,24 @@ def test_zero_for_a_student_equal_to_its_teacher(tiny_teacher_dir, kind):
 def test_on_adds_the_weighted_term_and_maps_copied_layers(tiny_teacher_dir):
     batch = batch_of()
     _, off = step_parts(soft(tiny_teacher_dir), batch)
-    model = soft(tiny_teacher_dir, feature_weight=0.5)
+    model = soft(tiny_teacher_dir, features=Features(weight=0.5))
     assert model.features.layer_map == {0: 0, 1: 3}  # the teacher layers the student was copied from
     _, on = step_parts(model, batch)
     assert torch.equal(on["kd"], off["kd"]) and torch.equal(on["ce"], off["ce"])
     torch.testing.assert_close(on["loss"], off["loss"] + 0.5 * on["feature_loss"])
-    ce_only = soft(tiny_teacher_dir, ce_weight=1.0, feature_weight=1.0)  # the teacher runs for the feature term
+    ce_only = soft(tiny_teacher_dir, ce_weight=1.0, features=Features(weight=1.0))  # the teacher runs for the term
     _, parts = step_parts(ce_only, batch)
     assert float(parts["feature_loss"].detach()) > 0
 
 
 def test_gradients_reach_only_the_student_and_the_projection(tiny_teacher_dir):
-    model = soft(tiny_teacher_dir, student=NARROW, feature_weight=1.0)
+    model = soft(tiny_teacher_dir, student=NARROW, features=Features(weight=1.0))
     assert model.features.layer_map == {0: 0, 1: 3} and model.features.projection.weight.shape == (32, 16)
     batch = batch_of()
     mask = valid_positions(batch["labels"])
     with model.feature_recording() as record:  # the feature term alone
-        model.signal.distribution(model, batch)
-        model.student_hidden(batch["input_ids"])
+        model.signal.distribution(model.run, batch)
+        final_hidden(model.student, batch["input_ids"])
     model.features(record, mask).backward()
     assert all(p.grad is None for p in model.teacher.parameters())
     assert all(not p.requires_grad for p in model.teacher.parameters())
@@ -167,7 +169,7 @@ def test_gradients_reach_only_the_student_and_the_projection(tiny_teacher_dir):
 
 def test_projection_trains_is_checkpointed_and_is_not_exported(tiny_teacher_dir, tmp_path):
     torch.manual_seed(0)
-    model = SoftDistill(teacher=tiny_teacher_dir, student=NARROW, feature_weight=1.0, feature_loss="mse")
+    model = SoftDistill(teacher=tiny_teacher_dir, student=NARROW, features=Features(weight=1.0, loss="mse"))
     trainer = tiny_trainer(tmp_path, max_steps=2, limit_val_batches=1)
     model.configure_model()
     start = model.features.projection.weight.detach().clone()
@@ -190,11 +192,11 @@ def test_projection_trains_is_checkpointed_and_is_not_exported(tiny_teacher_dir,
 
 
 def test_bad_layer_map_is_refused_when_the_models_are_built(tiny_teacher_dir):
-    with pytest.raises(ValueError, match=r"feature_layers=\{0: 9\} maps \{0: 9\} outside the models"):
-        soft(tiny_teacher_dir, feature_weight=1.0, feature_layers={0: 9})
+    with pytest.raises(ValueError, match=r"features.layers=\{0: 9\} maps \{0: 9\} outside the models"):
+        soft(tiny_teacher_dir, features=Features(weight=1.0, layers={0: 9}))
 
 
 def test_matcher_needs_a_recording():
-    matcher = FeatureMatcher()
+    matcher = FeatureMatcher(Features())
     with pytest.raises(RuntimeError, match="no hidden states were recorded"):
         matcher(None, torch.ones(1, 1, dtype=torch.bool))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import requires_builtin
 
-from lightning_distill import DistillDataModule, SoftDistill, load_teacher
+from lightning_distill import DistillDataModule, Performance, SoftDistill, load_teacher
 from lightning_distill.losses import cross_entropy
 
 pytestmark = [pytest.mark.integration, requires_builtin]
@@ -40,7 +40,8 @@ def test_teacher_perplexity_on_the_builtin_corpus():
 
 
 def test_soft_distill_steps_on_the_real_teacher(tmp_path):
-    model = SoftDistill(teacher=TEACHER, student={"from_teacher": {"layers": 6}}, teacher_dtype="auto")
+    model = SoftDistill(teacher=TEACHER, student={"from_teacher": {"layers": 6}},
+                        performance=Performance(teacher_dtype="auto"))
     data = DistillDataModule(corpus="builtin:python-docs", block_size=64, batch_size=2, max_documents=6)
     trainer = L.Trainer(max_steps=3, val_check_interval=3, limit_val_batches=1, logger=False,
                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import TINY_STUDENT
 
-from lightning_distill import SoftDistill, backbone, pruning
+from lightning_distill import SoftDistill, pruning
 from lightning_distill.backbone import build_student, load_teacher
 from lightning_distill.pruning import (
     TEACHER_LAYERS,
@@ -30,10 +30,6 @@ def layers_of(student, teacher, kept):
     """Whether each student layer holds the weights of teacher layer ``kept[i]``."""
     pairs = zip(student.model.layers, (teacher.model.layers[i] for i in kept), strict=True)
     return all(torch.equal(a, b) for s, t in pairs for a, b in zip(s.parameters(), t.parameters(), strict=True))
-
-
-def test_names_stay_importable_from_backbone():
-    assert backbone.evenly_spaced is pruning.evenly_spaced and backbone.prune_layers is pruning.prune_layers
 
 
 def test_evenly_spaced_default_is_unchanged_and_recorded(teacher_and_tokenizer):
@@ -86,11 +82,12 @@ def test_explicit_layer_list(teacher_and_tokenizer):
 
 @pytest.mark.parametrize(("options", "message"), [
     ({"layers": 5, "select": "importance"}, r"layers must be between 1 and the teacher's 4 layers, got 5"),
-    ({"layers": 2, "select": "best"}, r"student.from_teacher.select must be one of \('evenly', 'importance'\)"),
-    ({"layers": [0, 0]}, r"student.from_teacher.layers lists a teacher layer twice: \[0, 0\]"),
-    ({"layers": [0, 4]}, r"student.from_teacher.layers must list teacher layer indices in \[0, 3\], got \[0, 4\]"),
+    ({"layers": 2, "select": "best"}, r"student.from_teacher.select must be one of 'evenly', 'importance'"),
+    ({"layers": [0, 0]}, r"student.from_teacher.layers must be a list of distinct teacher layers, got \[0, 0\]"),
+    ({"layers": [0, 4]}, r"student.from_teacher.layers must be a list of teacher layer indices in \[0, 3\], "
+                         r"got \[0, 4\]"),
     ({"layers": [2, 1]}, r"student.from_teacher.layers must be in increasing order.*write \[1, 2\]"),
-    ({"layers": []}, r"student.from_teacher.layers must list teacher layer indices"),
+    ({"layers": []}, r"student.from_teacher.layers must be a list of teacher layer indices"),
     ({"layers": [0, 2], "select": "importance"}, r"select='importance' chooses among a number of layers"),
     ({"layers": 2, "order": 1}, r"accepts only 'layers' and 'select', got extra keys \['order'\]"),
 ])
@@ -122,5 +119,13 @@ def test_counterparts_follow_the_record_else_are_evenly_spaced(teacher_and_token
                                       "num_attention_heads": 2}}, teacher)
     assert counterparts(fresh.config, 4) == [0, 3]
     assert counterparts(build_student({"from_teacher": {"layers": [1, 2]}}, teacher).config, 2) == [0, 1]
-    with pytest.raises(ValueError, match=r"the student has 2 layers, the teacher 1.*feature_layers"):
+    with pytest.raises(ValueError, match=r"the student has 2 layers, the teacher 1.*features.layers"):
         counterparts(fresh.config, 1)
+
+
+def test_evenly_spaced_keeps_first_and_last():
+    assert evenly_spaced(30, 6) == [0, 6, 12, 17, 23, 29]
+    assert evenly_spaced(4, 4) == [0, 1, 2, 3]
+    assert evenly_spaced(4, 2) == [0, 3]
+    with pytest.raises(ValueError, match="layers must be between 1 and"):
+        evenly_spaced(4, 5)

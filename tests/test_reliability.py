@@ -21,7 +21,16 @@ import yaml
 from conftest import TINY_STUDENT, make_tiny_model_dir
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
-from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
+from lightning_distill import (
+    CoDistill,
+    DistillDataModule,
+    Generation,
+    HardDistill,
+    Optimization,
+    Performance,
+    Schedule,
+    SoftDistill,
+)
 from lightning_distill.cli import load_checkpoint
 
 ROOT = Path(__file__).parents[1]
@@ -46,13 +55,15 @@ def data(corpus: str) -> DistillDataModule:
 def make(method: str, teacher: str, folder: Path | None = None) -> L.LightningModule:
     """A tiny model of each method; HardDistill samples its teacher's continuations (the random state must be
     restored on resume), kept in ``folder`` (each run its own)."""
-    common = {"teacher_dtype": None, "warmup_steps": 2}
+    common = {"performance": Performance(teacher_dtype=None), "optimization": Optimization(warmup_steps=2)}
     if method == "soft":
         return SoftDistill(teacher=teacher, student=TINY_STUDENT, ce_weight=0.3, **common)
     if method == "hard":
-        return HardDistill(teacher=teacher, student=TINY_STUDENT, mode="generate", prompt_tokens=8, max_new_tokens=6,
-                           do_sample=True, generations_dir=str((folder or Path(".")) / "generations"), **common)
-    return CoDistill(teacher=teacher, student=TINY_STUDENT, schedule="gated", gate_threshold=99.0, ramp_steps=3,
+        generation = Generation(prompt_tokens=8, max_new_tokens=6, do_sample=True,
+                                cache_dir=str((folder or Path(".")) / "generations"))
+        return HardDistill(teacher=teacher, student=TINY_STUDENT, mode="generate", generation=generation, **common)
+    return CoDistill(teacher=teacher, student=TINY_STUDENT, schedule=Schedule(kind="gated", gate_threshold=99.0,
+                                                                              ramp_steps=3),
                      stale_every=3, mutual_weight=0.1, teacher_learning_rate=1e-3, **common)
 
 

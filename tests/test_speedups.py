@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import TINY_STUDENT
 
-from lightning_distill import CoDistill, SoftDistill, speedups
+from lightning_distill import CoDistill, Features, Performance, SoftDistill, speedups
 
 
 def test_defaults_compile_nothing(tiny_teacher_dir):
@@ -18,7 +18,8 @@ def test_defaults_compile_nothing(tiny_teacher_dir):
 
 
 def test_compiling_is_in_place_and_idempotent(tiny_teacher_dir):
-    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, compile_student=True, compile_teacher=True)
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT,
+                        performance=Performance(compile_student=True, compile_teacher=True))
     model.configure_model()
     assert speedups.is_compiled(model.student) and speedups.is_compiled(model.teacher)
     names = sorted(model.student.state_dict())
@@ -30,35 +31,36 @@ def test_compiling_is_in_place_and_idempotent(tiny_teacher_dir):
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
-    ({"compile_student": "yes"}, r"compile_student must be True or False, got 'yes'"),
-    ({"compile_teacher": 1}, r"compile_teacher must be True or False, got 1"),
-    ({"liger_kernels": None}, r"liger_kernels must be True or False, got None"),
+    ({"compile_student": "yes"}, r"performance.compile_student must be True or False, got 'yes'"),
+    ({"compile_teacher": 1}, r"performance.compile_teacher must be True or False, got 1"),
+    ({"liger_kernels": None}, r"performance.liger_kernels must be True or False, got None"),
 ])
-def test_arguments_are_checked(tiny_teacher_dir, kwargs, message):
+def test_arguments_are_checked(kwargs, message):
     with pytest.raises(ValueError, match=message):
-        SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, **kwargs)
+        Performance(**kwargs)
 
 
 def test_a_trained_teacher_is_not_compiled(tiny_teacher_dir):
     with pytest.raises(ValueError, match="compile_teacher=True compiles a frozen teacher"):
-        CoDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, compile_teacher=True)
+        CoDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, performance=Performance(compile_teacher=True))
 
 
 def test_the_feature_term_is_not_compiled(tiny_teacher_dir):
-    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, feature_weight=1.0, compile_student=True)
-    with pytest.raises(ValueError, match="set feature_weight=0, or compile_student=False"):
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, features=Features(weight=1.0),
+                        performance=Performance(compile_student=True))
+    with pytest.raises(ValueError, match="set features=None, or compile_student=False"):
         model.configure_model()
 
 
 def test_liger_kernels_need_cuda_then_the_package(tiny_teacher_dir, monkeypatch):
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match="liger_kernels=True needs a CUDA device"):
-            SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, liger_kernels=True)
+            SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, performance=Performance(liger_kernels=True))
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "liger_kernel" else real(name))
     with pytest.raises(ImportError, match=r"needs the liger-kernel package: pip install 'lightning-distill\[bench\]'"):
-        speedups.Speedups(liger_kernels=True)  # what the module's __init__ makes of liger_kernels=True
+        speedups.check(Performance(liger_kernels=True), trains_teacher=False)  # what every method's __init__ runs
 
 
 def test_liger_kernels_patch_llama_models_only():
@@ -76,10 +78,10 @@ def test_a_compiled_student_gives_the_same_loss_and_gradients(tiny_teacher_dir, 
     ids = torch.randint(0, 300, (2, 24))
     results = []
     for compiled in (False, True):
-        model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, chunk_size=chunk_size, ce_weight=0.3,
-                            compile_student=compiled, compile_teacher=compiled)
+        performance = Performance(chunk_size=chunk_size, compile_student=compiled, compile_teacher=compiled)
+        model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=0.3, performance=performance)
         model.configure_model()
-        parts = model.student_loss(ids, ids, model.signal.distribution(model, {"input_ids": ids}), ce_weight=0.3)
+        parts = model.student_loss(ids, ids, model.signal.distribution(model.run, {"input_ids": ids}), ce_weight=0.3)
         parts["loss"].backward()
         results.append((parts, model.student.model.embed_tokens.weight.grad.clone()))
     for key in ("loss", "kd", "ce"):

@@ -5,6 +5,7 @@ from lightning_distill.data.module import DistillDataModule
 from lightning_distill.data.prepare import prepare_corpus
 from lightning_distill.data.sources import BUILTIN_CORPORA, documents, expand_sources, source_identity
 from lightning_distill.data.tokens import (
+           SPLITS,
            BlockDataset,
            PlannedBlocks,
            cached_tokens,
@@ -14,6 +15,6 @@ from lightning_distill.data.tokens import (
            tokenize_documents,
 )
 
-__all__ = ["BUILTIN_CORPORA", "BlockDataset", "DistillDataModule", "PlannedBlocks", "cached_tokens", "documents",
-           "expand_sources", "pack", "prepare_corpus", "source_identity", "split_documents", "token_cache_dir",
-           "tokenize_documents"]
+__all__ = ["BUILTIN_CORPORA", "SPLITS", "BlockDataset", "DistillDataModule", "PlannedBlocks", "cached_tokens",
+           "documents", "expand_sources", "pack", "prepare_corpus", "source_identity", "split_documents",
+           "token_cache_dir", "tokenize_documents"]

@@ -19,13 +19,11 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
-from lightning_distill import backbone
+from lightning_distill import backbone, checks
 from lightning_distill.data.prepare import is_prepared
 from lightning_distill.data.sampler import ResumableLoader, ResumableSampler, check_position, train_position
 from lightning_distill.data.sources import expand_sources
-from lightning_distill.data.tokens import BlockDataset, PlannedBlocks, cached_tokens, pack, split_documents
-
-SPLITS = ("train", "validation")
+from lightning_distill.data.tokens import SPLITS, BlockDataset, PlannedBlocks, cached_tokens, pack, split_documents
 
 
 class DistillDataModule(L.LightningDataModule):
@@ -70,23 +68,19 @@ class DistillDataModule(L.LightningDataModule):
         ood_corpus: str | list[str] | None = None,
     ) -> None:
         super().__init__()
-        _check_int("block_size", block_size, 2, "use e.g. block_size=128")
-        _check_int("batch_size", batch_size, 1, "use e.g. batch_size=8")
-        _check_int("num_workers", num_workers, 0, "use num_workers=0 to load in the main process")
-        _check_int("seed", seed, None, "use any integer, e.g. seed=0")
+        checks.integer("block_size", block_size, ">= 2", lambda v: v >= 2, example="128")
+        checks.integer("batch_size", batch_size, ">= 1", lambda v: v >= 1, example="8")
+        checks.integer("num_workers", num_workers, ">= 0", lambda v: v >= 0, example="0 (load in the main process)")
+        checks.require(isinstance(seed, int) and not isinstance(seed, bool), "seed", seed, "an integer",
+                       "use any integer, e.g. seed=0")
         if max_documents is not None:
-            _check_int("max_documents", max_documents, 2, "use None to keep every document")
-        if (
-            not isinstance(val_fraction, (int, float)) or isinstance(val_fraction, bool)
-            or not 0 < val_fraction < 1
-        ):
-            raise ValueError(f"val_fraction must be a number strictly between 0 and 1 (e.g. 0.1), "
-                             f"got {val_fraction!r}")
-        if not isinstance(text_field, str) or not text_field:
-            raise ValueError(f"text_field must be a non-empty field name such as 'text', got {text_field!r}")
-        if tokenizer is not None and (not isinstance(tokenizer, str) or not tokenizer):
-            raise ValueError(f"tokenizer must be a model name or path, or None for the model's, "
-                             f"got {tokenizer!r}")
+            checks.integer("max_documents", max_documents, ">= 2 (or None to keep every document)", lambda v: v >= 2,
+                           example="1000")
+        checks.number("val_fraction", val_fraction, "strictly between 0 and 1", lambda v: 0 < v < 1, example="0.1")
+        checks.require(isinstance(text_field, str) and bool(text_field), "text_field", text_field,
+                       "a non-empty field name such as 'text'")
+        checks.require(tokenizer is None or (isinstance(tokenizer, str) and bool(tokenizer)), "tokenizer", tokenizer,
+                       "a model name or path, or None for the model's")
         self._stream = _streamed(corpus)  # a prepared corpus: streamed, never packed in memory
         if self._stream is None:
             expand_sources(corpus)  # fail fast on unknown builtins, missing files and empty globs
@@ -103,8 +97,9 @@ class DistillDataModule(L.LightningDataModule):
 
     def set_tokenizer(self, tokenizer: PreTrainedTokenizerBase, max_positions: int | None = None) -> None:
         """Use this tokenizer (e.g. in a notebook); ``max_positions`` bounds ``block_size``."""
-        if not isinstance(tokenizer, PreTrainedTokenizerBase):
-            raise ValueError(f"set_tokenizer needs a transformers tokenizer, got {type(tokenizer).__name__}")
+        checks.require(isinstance(tokenizer, PreTrainedTokenizerBase), "set_tokenizer's tokenizer", type(tokenizer),
+                       "a transformers tokenizer (PreTrainedTokenizerBase)", "load one with "
+                       "lightning_distill.load_tokenizer(name), or pass DistillDataModule(tokenizer=name)")
         self._tokenizer, self._max_positions = tokenizer, max_positions
         self._train_blocks = self._val_blocks = self._ood_blocks = None
 
@@ -151,8 +146,8 @@ class DistillDataModule(L.LightningDataModule):
     def plan_predict(self, plan: dict[str, list[int]] | None) -> None:
         """Make :meth:`predict_dataloader` serve only these blocks, one loader per split in this order (the
         share of a label writer on this rank); ``None`` restores the train split in order."""
-        if plan is not None and not set(plan) <= set(SPLITS):
-            raise ValueError(f"plan_predict takes splits among {SPLITS}, got {sorted(plan)}")
+        for split in plan or {}:
+            checks.choice("plan_predict's split", split, SPLITS)
         self._plan = plan
         # every rank keeps one loader per split, so a rank's share of a split may be empty
         self.allow_zero_length_dataloader_with_multiple_devices = plan is not None
@@ -176,7 +171,7 @@ class DistillDataModule(L.LightningDataModule):
         row = {int(doc): i for i, doc in enumerate(doc_ids)}  # source index -> row in the cache
         splits = split_documents(n_docs, hp.val_fraction, hp.seed, hp.max_documents)
         blocks = []
-        for name, ids in zip(("train", "validation"), splits, strict=True):
+        for name, ids in zip(SPLITS, splits, strict=True):
             docs = [tokens[offsets[row[i]] : offsets[row[i] + 1]] for i in ids]
             blocks.append(pack(docs, hp.block_size, tokenizer.eos_token_id))  # (N, T)
             if len(blocks[-1]) == 0:
@@ -315,10 +310,8 @@ def _streamed(corpus: Any) -> Any:
 
 def _config_max_positions(name: str) -> int | None:
     """``max_position_embeddings`` of a named model's config, ``None`` when it has no readable config."""
-    from transformers import AutoConfig
-
     try:
-        config = AutoConfig.from_pretrained(backbone.resolve_model_path(name))
+        config = backbone.load_config(name, role="tokenizer")
     except (OSError, ValueError):
         return None
     return getattr(config, "max_position_embeddings", None)
@@ -328,10 +321,3 @@ def _built(blocks: torch.Tensor | None) -> torch.Tensor:
     if blocks is None:
         raise RuntimeError("call setup() first (the Trainer does) to build the blocks")
     return blocks
-
-
-def _check_int(name: str, value: Any, minimum: int | None, fix: str) -> None:
-    """Raise ``ValueError`` naming ``name`` unless ``value`` is an int (not bool) of at least ``minimum``."""
-    if isinstance(value, bool) or not isinstance(value, int) or (minimum is not None and value < minimum):
-        bound = "an integer" if minimum is None else f"an integer >= {minimum}"
-        raise ValueError(f"{name} must be {bound}, got {value!r}: {fix}")

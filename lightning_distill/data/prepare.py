@@ -39,14 +39,14 @@ from filelock import FileLock
 from lightning.pytorch.utilities import rank_zero_info
 from transformers import PreTrainedTokenizerBase
 
-from lightning_distill import backbone
+from lightning_distill import backbone, checks
 from lightning_distill.data.sources import expand_sources, source_identity
+from lightning_distill.data.tokens import SPLITS
 from lightning_distill.data.units import WorkUnit, read_unit, work_units
 from lightning_distill.files import atomic_write
 
 FORMAT = "lightning_distill.corpus/1"
 MANIFEST = "corpus.json"
-SPLITS = ("train", "validation")
 REMOTE = ("s3://", "gs://", "azure://", "r2://", "local:")  # URIs litdata streams from ("local:" is for tests)
 BATCH_CHARS = 2**20  # characters of text per tokenizer call
 INSTALL = "pip install 'lightning-distill[scale]'"
@@ -152,15 +152,14 @@ def prepare_corpus(corpus: str | list[str], out_dir: str, tokenizer: str | PreTr
             store's shards (4M tokens: 8 MB of uint16 ids).
         overwrite: replace a folder prepared with other settings.
     """
-    for name, value, low in (("block_size", block_size, 2), ("num_workers", num_workers, 1),
-                             ("chunk_tokens", chunk_tokens, block_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    if isinstance(val_fraction, bool) or not isinstance(val_fraction, (int, float)) or not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be a number strictly between 0 and 1 (e.g. 0.1), got {val_fraction!r}")
-    if not isinstance(out_dir, str) or not out_dir or out_dir.startswith(REMOTE):
-        raise ValueError(f"out_dir must be a local folder, got {out_dir!r}: prepare locally, then copy the folder "
-                         "to object storage (e.g. aws s3 sync) to stream it from there")
+    checks.integer("block_size", block_size, ">= 2", lambda v: v >= 2, example="1024")
+    checks.integer("num_workers", num_workers, ">= 1", lambda v: v >= 1, example="1")
+    checks.integer("chunk_tokens", chunk_tokens, f">= block_size={block_size}", lambda v: v >= block_size,
+                   example=str(2**22))
+    checks.number("val_fraction", val_fraction, "strictly between 0 and 1", lambda v: 0 < v < 1, example="0.1")
+    checks.require(isinstance(out_dir, str) and bool(out_dir) and not out_dir.startswith(REMOTE), "out_dir", out_dir,
+                   "a local folder", "prepare locally, then copy the folder to object storage (e.g. aws s3 sync) to "
+                   "stream it from there")
     if is_prepared(corpus):
         raise ValueError(f"corpus {corpus!r} is already prepared: pass it to DistillDataModule(corpus=...)")
     out = Path(out_dir).expanduser()
@@ -181,7 +180,7 @@ def _prepare(corpus: str | list[str], out: Path, tok: PreTrainedTokenizerBase, s
              settings: dict[str, Any], num_workers: int) -> None:
     """Write both splits with litdata's ``optimize``, then the manifest."""
     litdata = require_litdata()
-    units = work_units(sources, num_workers)
+    units = work_units(sources, settings["text_field"], num_workers)
     block_size, chunk_tokens = settings["block_size"], settings["chunk_tokens"]
     chunk = chunk_tokens - chunk_tokens % block_size
     for split in SPLITS:

@@ -22,6 +22,8 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from lightning_distill import checks
+
 
 class ResumableSampler(DistributedSampler):
     """A seeded shuffle per epoch, this rank's share of it, from ``start`` on in epoch ``epoch``.
@@ -38,8 +40,7 @@ class ResumableSampler(DistributedSampler):
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0,
                  start: int = 0) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
-        if start < 0:
-            raise ValueError(f"start must be >= 0, got {start}")
+        checks.require(start >= 0, "start", start, ">= 0")
         self.epoch, self.start = epoch, start
 
     def set_epoch(self, epoch: int) -> None:

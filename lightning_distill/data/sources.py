@@ -6,7 +6,8 @@
 - a text file or a glob (``docs/**/*.md``): one file is one document, read as UTF-8 (a few bad bytes replaced; a
   binary file is an error).
 - a JSONL file (``*.jsonl``): one line is one document, its text in the field ``text_field``.
-- a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``: its "train" split or only split).
+- a folder written by ``datasets.Dataset.save_to_disk`` (a ``DatasetDict``: its "train" split or only split),
+  memory-mapped and opened once per process (:func:`load_hf_dataset`).
 
 A corpus prepared for streaming (:func:`lightning_distill.data.prepare_corpus`) is not a source but a corpus of its
 own: :class:`~lightning_distill.data.DistillDataModule` streams it (:mod:`lightning_distill.data.streaming`).
@@ -21,10 +22,11 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from lightning_distill import files
+from lightning_distill import checks, files
 
 BUILTIN_CORPORA = ("builtin:python-docs", "builtin:shakespeare")
 SHAKESPEARE = Path(__file__).parent.parent / "assets" / "shakespeare.txt"
+_HF_DATASETS: dict[str, tuple[str, Any]] = {}  # dataset folder -> (its state digest, the dataset opened from it)
 
 
 def expand_sources(corpus: str | list[str]) -> list[tuple[str, str]]:
@@ -34,13 +36,13 @@ def expand_sources(corpus: str | list[str]) -> list[tuple[str, str]]:
     not a saved Hugging Face dataset or an unknown builtin raises ``ValueError``.
     """
     entries = [corpus] if isinstance(corpus, str) else corpus
-    if not isinstance(entries, list) or not entries or not all(isinstance(e, str) and e for e in entries):
-        raise ValueError(f"corpus must be a source or a non-empty list of sources (strings), got {corpus!r}")
+    checks.require(isinstance(entries, list) and bool(entries) and all(isinstance(e, str) and e for e in entries),
+                   "corpus", corpus, "a source or a non-empty list of sources (strings)")
     sources: list[tuple[str, str]] = []
     for entry in entries:
         if entry.startswith("builtin:"):
-            if entry not in BUILTIN_CORPORA:
-                raise ValueError(f"unknown builtin corpus {entry!r}; known: {list(BUILTIN_CORPORA)}")
+            known = ", ".join(BUILTIN_CORPORA)
+            checks.require(entry in BUILTIN_CORPORA, "corpus", entry, f"a known builtin corpus ({known})")
             sources.append(("builtin", entry))
             continue
         paths = [os.path.expanduser(entry)]
@@ -67,11 +69,7 @@ def source_identity(kind: str, where: str, text_field: str) -> dict[str, Any]:
     if kind == "builtin":
         return {"builtin": where, "python": sys.version}
     if kind == "hf":
-        digest = hashlib.sha256()
-        for state in sorted(Path(where).rglob("*.json")):
-            if state.name in ("state.json", "dataset_dict.json"):
-                digest.update(str(state.relative_to(where)).encode() + state.read_bytes())
-        return {"hf": where, "state": digest.hexdigest(), "text_field": text_field}
+        return {"hf": where, "state": _hf_state(where), "text_field": text_field}
     stat = os.stat(where)
     identity: dict[str, Any] = {kind: where, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
     return {**identity, "text_field": text_field} if kind == "jsonl" else identity
@@ -87,16 +85,12 @@ def documents(corpus: str | list[str], text_field: str = "text") -> list[str]:
     """
     texts: list[str] = []
     for kind, where in expand_sources(corpus):
-        if where == "builtin:shakespeare":
-            found = [SHAKESPEARE.read_text(encoding="utf-8")]
-        elif kind == "builtin":
-            from pydoc_data.topics import topics
-
-            found = [topics[name] for name in sorted(topics)]
+        if kind == "builtin":
+            found = builtin_documents(where)
         elif kind == "jsonl":
             found = _read_jsonl(Path(where), text_field)
         elif kind == "hf":
-            found = _read_hf(where, text_field)
+            found = [t for t in load_hf_dataset(where, text_field)[text_field] if isinstance(t, str)]
         else:
             found = [read_text(Path(where))]
         found = [t for t in found if t.strip()]
@@ -105,6 +99,15 @@ def documents(corpus: str | list[str], text_field: str = "text") -> list[str]:
                              "remove it from corpus")
         texts += found
     return texts
+
+
+def builtin_documents(name: str) -> list[str]:
+    """The documents of a builtin corpus (a name in :data:`BUILTIN_CORPORA`), always in the same order."""
+    if name == "builtin:shakespeare":
+        return [SHAKESPEARE.read_text(encoding="utf-8")]
+    from pydoc_data.topics import topics
+
+    return [topics[topic] for topic in sorted(topics)]
 
 
 def read_text(path: Path) -> str:
@@ -119,25 +122,46 @@ def read_text(path: Path) -> str:
     return text
 
 
+def load_hf_dataset(where: str, text_field: str) -> Any:
+    """A dataset folder written by ``save_to_disk`` (a ``DatasetDict``: its "train" split or only split),
+    memory-mapped and opened once per process (again when the folder was saved anew).
+
+    Raises:
+        ImportError: ``datasets`` is not installed.
+        ValueError: the folder holds several splits and none is "train", or the dataset has no column
+            ``text_field``.
+    """
+    state, cached = _hf_state(where), _HF_DATASETS.get(where)
+    if cached is None or cached[0] != state:
+        try:
+            import datasets
+        except ImportError as error:
+            message = f"{where} is a Hugging Face dataset; reading it needs: pip install datasets"
+            raise ImportError(message) from error
+        dataset = datasets.load_from_disk(where)
+        if isinstance(dataset, datasets.DatasetDict):
+            if "train" not in dataset and len(dataset) != 1:
+                raise ValueError(f"{where} has splits {sorted(dataset)} and none is 'train': save the split to "
+                                 "use on its own")
+            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
+        _HF_DATASETS[where] = (state, dataset)
+    dataset = _HF_DATASETS[where][1]
+    if text_field not in dataset.column_names:
+        raise ValueError(f"{where} has no column text_field={text_field!r} (columns: "
+                         f"{dataset.column_names}): set text_field to the column holding the text")
+    return dataset
+
+
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     with path.open(encoding="utf-8") as lines:
         numbered = [(f"{path}, line {number}", line) for number, line in enumerate(lines, start=1) if line.strip()]
     return [files.record_text(files.json_record(line, where), text_field, where) for where, line in numbered]
 
 
-def _read_hf(where: str, text_field: str) -> list[str]:
-    try:
-        import datasets
-    except ImportError as error:
-        message = f"{where} is a Hugging Face dataset; reading it needs: pip install datasets"
-        raise ImportError(message) from error
-    dataset = datasets.load_from_disk(where)
-    if isinstance(dataset, datasets.DatasetDict):
-        if "train" not in dataset and len(dataset) != 1:
-            raise ValueError(f"{where} has splits {sorted(dataset)} and none is 'train': save the split to "
-                             "use on its own")
-        dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-    if text_field not in dataset.column_names:
-        raise ValueError(f"{where} has no column text_field={text_field!r} (columns: "
-                         f"{dataset.column_names}): set text_field to the column holding the text")
-    return [t for t in dataset[text_field] if isinstance(t, str)]
+def _hf_state(where: str) -> str:
+    """A hash of a dataset folder's ``state.json``/``dataset_dict.json`` files, which hold its fingerprints."""
+    digest = hashlib.sha256()
+    for state in sorted(Path(where).rglob("*.json")):
+        if state.name in ("state.json", "dataset_dict.json"):
+            digest.update(str(state.relative_to(where)).encode() + state.read_bytes())
+    return digest.hexdigest()

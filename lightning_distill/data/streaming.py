@@ -26,8 +26,8 @@ from torch import Tensor
 from transformers import PreTrainedTokenizerBase
 
 from lightning_distill.backbone import tokenizer_fingerprint
-from lightning_distill.data.prepare import FORMAT, MANIFEST, REMOTE, SPLITS, require_litdata
-from lightning_distill.data.tokens import token_cache_dir
+from lightning_distill.data.prepare import FORMAT, MANIFEST, REMOTE, require_litdata
+from lightning_distill.data.tokens import SPLITS, token_cache_dir
 
 litdata = require_litdata()
 from litdata.streaming.sampler import ChunkedIndex  # noqa: E402 (after the check that litdata is installed)

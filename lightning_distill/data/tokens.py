@@ -28,6 +28,7 @@ from lightning_distill import backbone
 from lightning_distill.data.sources import documents, expand_sources, source_identity
 from lightning_distill.files import atomic_write
 
+SPLITS = ("train", "validation")  # the splits of every corpus, in this order (that of split_documents' result)
 CACHE_VERSION = 1  # bump when the cache layout or the tokenization changes
 PROGRESS_ABOVE = 1000  # show a progress bar when tokenizing more documents than this
 TOKENIZE_BATCH = 256  # documents per tokenizer call

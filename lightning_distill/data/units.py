@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from lightning_distill import files
-from lightning_distill.data.sources import SHAKESPEARE, read_text
+from lightning_distill.data.sources import builtin_documents, load_hf_dataset, read_text
 
 UNIT_BYTES = 8 * 2**20  # most bytes of a JSONL file per work unit (fewer for small corpora: 4 units per worker)
 MIN_UNIT_BYTES = 2**20
@@ -33,9 +33,13 @@ class WorkUnit:
     stop: int = 0
 
 
-def work_units(sources: list[tuple[str, str]], num_workers: int = 1) -> list[WorkUnit]:
+def work_units(sources: list[tuple[str, str]], text_field: str, num_workers: int = 1) -> list[WorkUnit]:
     """Cut ``expand_sources`` pairs into work units of similar size, enough for ``num_workers`` workers (how the
-    sources are cut does not change the token stream: units are read in order, a document in the unit it starts in)."""
+    sources are cut does not change the token stream: units are read in order, a document in the unit it starts in).
+
+    A dataset folder is opened here (:func:`~lightning_distill.data.sources.load_hf_dataset`), so that one without
+    the column ``text_field`` is refused before any worker starts.
+    """
     jsonl = sum(os.path.getsize(where) for kind, where in sources if kind == "jsonl")
     step = min(UNIT_BYTES, max(MIN_UNIT_BYTES, -(-jsonl // (4 * num_workers))))
     units: list[WorkUnit] = []
@@ -44,7 +48,7 @@ def work_units(sources: list[tuple[str, str]], num_workers: int = 1) -> list[Wor
             size = os.path.getsize(where)
             units += [WorkUnit(index, kind, where, s, min(s + step, size)) for s in range(0, size, step)]
         elif kind == "hf":
-            rows = len(load_hf(where))
+            rows = len(load_hf_dataset(where, text_field))
             units += [WorkUnit(index, kind, where, s, min(s + UNIT_ROWS, rows)) for s in range(0, rows, UNIT_ROWS)]
         else:
             units.append(WorkUnit(index, kind, where))
@@ -55,22 +59,14 @@ def read_unit(unit: WorkUnit, text_field: str, keep: Callable[[int], bool]) -> I
     """The non-empty documents of a unit whose key (its place within the source) ``keep`` accepts; the key is
     tested before the document is parsed."""
     if unit.kind == "builtin":
-        if unit.where == "builtin:shakespeare":
-            texts = [SHAKESPEARE.read_text(encoding="utf-8")]
-        else:
-            from pydoc_data.topics import topics
-
-            texts = [topics[name] for name in sorted(topics)]
+        texts = builtin_documents(unit.where)
         found: Iterator[tuple[int, Any]] = ((i, text) for i, text in enumerate(texts) if keep(i))
     elif unit.kind == "text":
         found = iter([(0, Path(unit.where))] if keep(0) else [])
     elif unit.kind == "jsonl":
         found = jsonl_lines(unit, keep)
     else:
-        dataset = load_hf(unit.where)
-        if text_field not in dataset.column_names:
-            raise ValueError(f"{unit.where} has no column text_field={text_field!r} (columns: "
-                             f"{dataset.column_names}): set text_field to the column holding the text")
+        dataset = load_hf_dataset(unit.where, text_field)
         found = ((row, dataset[row][text_field]) for row in range(unit.start, unit.stop) if keep(row))
     for key, item in found:
         if isinstance(item, Path):
@@ -99,18 +95,3 @@ def jsonl_lines(unit: WorkUnit, keep: Callable[[int], bool]) -> Iterator[tuple[i
 
 def jsonl_text(line: bytes, text_field: str, where: str, offset: int) -> str:
     return files.record_text(files.json_record(line, f"{where}, byte {offset}"), text_field, f"{where}, byte {offset}")
-
-
-HF_CACHE: dict[str, Any] = {}
-
-
-def load_hf(where: str) -> Any:
-    """A saved Hugging Face dataset (its "train" split or only split), memory-mapped, kept per process."""
-    if where not in HF_CACHE:
-        import datasets
-
-        dataset = datasets.load_from_disk(where)
-        if isinstance(dataset, datasets.DatasetDict):
-            dataset = dataset["train"] if "train" in dataset else next(iter(dataset.values()))
-        HF_CACHE[where] = dataset
-    return HF_CACHE[where]

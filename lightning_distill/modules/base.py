@@ -3,41 +3,70 @@
 The module is a system wiring two models (Lightning's style guide): a trainable student and a teacher that is
 either frozen or trained alongside (CoDistill). It owns
 
-- building both in an idempotent :meth:`configure_model` (so FSDP/DeepSpeed can shard them);
+- building both in an idempotent :meth:`configure_model` (so FSDP/DeepSpeed can shard them,
+  :mod:`lightning_distill.sharding`; the models themselves: :mod:`~lightning_distill.modules.building`);
 - a frozen teacher's hygiene: ``eval()``, ``requires_grad=False``, ``no_grad``, its own dtype, never in the optimizer
-  or a checkpoint (stripped on save, reloaded by name on load), ignored by DDP;
-- the teacher's signal, asked of one source (:attr:`signal`, :mod:`lightning_distill.signals`): a live teacher,
-  a label store, or a trained teacher; a method never opens a store itself;
+  or a checkpoint (stripped on save, reloaded by name on load, :mod:`~lightning_distill.modules.checkpoint`), ignored
+  by DDP;
+- the teacher's signal, asked of one source (:attr:`signal`, :mod:`lightning_distill.signals`), which is given a
+  :class:`~lightning_distill.signals.Run` (:attr:`run`), never the module: a live teacher, a label store, or a
+  trained teacher; a method never opens a store itself;
 - the one place where the student's hidden states meet its output head and the loss (:meth:`student_loss`);
-- token-exact normalization over an accumulation window (:class:`~lightning_distill.accumulation.TokenWindow`),
-  validation metrics (:mod:`lightning_distill.metrics`), AdamW with warmup + cosine decay, export.
+- token-exact normalization over an accumulation window (:class:`TokenWindow`), validation metrics
+  (:mod:`lightning_distill.metrics`), AdamW with warmup + cosine decay (:func:`adamw_with_schedule`), export.
+
+Settings have one source of truth: the init arguments as given (this class's and the subclass's), saved once by
+``save_hyperparameters`` here and read as ``self.hparams.<name>``; option groups are the typed dataclasses of
+:mod:`lightning_distill.options`. Under ``LightningCLI`` too they are the typed values (Lightning would record the
+CLI's config dicts instead), so a checkpoint reloads with ``load_from_checkpoint`` alone and a subclass needs no
+``save_hyperparameters()`` of its own.
+
+The hooks a method may override, each with its default here: :meth:`training_step` (required),
+:meth:`check_store`, :meth:`compares_vocabularies`, :meth:`teacher_unused_in_training`, :meth:`records_layers`,
+:meth:`sharding_problem`, :meth:`trainable_models`, :meth:`make_models`, :meth:`label_settings` and
+``predict_step``.
 """
 
 from __future__ import annotations
 
+import inspect
+import math
 import os
+import types
 import warnings
 from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_distill import checkpoint as saved
-from lightning_distill import checks, chunked, cpu_memory, generation, losses, optim, placement, sharding, speedups
-from lightning_distill.accumulation import TokenWindow
-from lightning_distill.backbone import DEFAULT_TEACHER, as_dtype, load_tokenizer
-from lightning_distill.losses import IGNORE_INDEX, Divergence
+from lightning_distill import checks, sharding, speedups
+from lightning_distill.backbone import DEFAULT_TEACHER, Run, as_dtype, final_hidden, load_tokenizer
+from lightning_distill.callbacks import IdleTeacherOffload, Throughput
+from lightning_distill.generation import GenerationSettings, continue_texts
+from lightning_distill.losses import (
+    DEFAULT_CHUNK_SIZE,
+    IGNORE_INDEX,
+    Divergence,
+    TeacherHidden,
+    chunked_distill_loss,
+    cross_entropy,
+    distill_loss,
+)
 from lightning_distill.metrics import ValidationMetrics
 from lightning_distill.modules import building
-from lightning_distill.signals import Distribution, LiveTeacher, TeacherHidden, TeacherSignal
+from lightning_distill.modules import checkpoint as saved
+from lightning_distill.options import Optimization, Performance, Validation
+from lightning_distill.serve.client import is_url
+from lightning_distill.signals import Distribution, LiveTeacher, TeacherSignal
 from lightning_distill.signals.sampled import greedy_scores
-from lightning_distill.sparse import SparseTargets
-from lightning_distill.throughput import Throughput
 
 # A frozen teacher is in eval mode on purpose; Lightning warns about eval-mode modules at fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+
+DEFAULT_STUDENT = {"from_teacher": {"layers": 6}}
 
 
 class DistillModule(L.LightningModule):
@@ -45,90 +74,53 @@ class DistillModule(L.LightningModule):
 
     Args:
         teacher: teacher model name: ``builtin:smollm2-135m-instruct``, a Hugging Face id or a local folder; ``None``
-            when the signal comes from stored labels and the student is a named model.
-        student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher), a model name, or
-            ``{"config": {...}}`` for a fresh random model.
-        teacher_dtype: dtype of a frozen teacher's weights: ``"bfloat16"`` halves its memory and, on GPUs and
-            CPUs with bf16 units, runs it faster; ``"auto"`` (default) picks bfloat16 where it is native, else
-            float32; ``None`` keeps float32.
-        teacher_sharding: where a frozen teacher lives under FSDP (``--trainer.strategy fsdp``, or
-            ``ModelParallelStrategy``): ``"shard"`` (default) splits its decoder layers across ranks, each a unit
-            of its own in its own dtype, its embedding and head whole on every rank; ``"replicate"`` keeps all of
-            it on every rank (a small teacher: no all-gathers). Unused without FSDP; see
-            :mod:`lightning_distill.sharding`.
-        learning_rate: peak learning rate of AdamW for the student (1e-3: best of a sweep for the pruned
-            6-layer default, see ``benchmarks/recipe_sweep.py``).
-        weight_decay: AdamW weight decay (not applied to biases and norms).
-        warmup_steps: linear warmup steps, then cosine decay to ``min_lr_ratio * learning_rate`` at the last step.
-        min_lr_ratio: final learning rate as a fraction of the peak, in [0, 1].
-        chunk_size: compute the loss from hidden states in chunks of this many positions (0: all at once), never
-            holding the (B, T, V) logits (:mod:`lightning_distill.chunked`). ``None`` (default): the path measured
-            fastest (:meth:`loss_chunk_size`).
+            when the signal comes from stored labels and the student is a named model; SoftDistill also takes the
+            URL of a teacher server (``"http://HOST:PORT"``, or a list of URLs; :mod:`lightning_distill.serve`).
+        student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher; ``None``: 6 layers), a model
+            name, or ``{"config": {...}}`` for a fresh random model.
         tokenizer: model name whose tokenizer to use; default the teacher's (or the student's when it is a name
             and there is no teacher).
+        optimization: learning rate and schedule (:class:`~lightning_distill.options.Optimization`).
         train_embeddings: train the student's token embeddings and output head (tied in SmolLM2). ``False``
             keeps the teacher's vocabulary geometry fixed and trains only the transformer layers.
-        eval_new_tokens: > 0: at each validation the student also continues each held-out block's first
-            ``eval_prompt_tokens`` greedily for this many tokens, and the live teacher scores them
-            (``val/teacher_logprob``, ``val/on_policy_rkl``: what on-policy training optimizes); 0: off.
-        eval_prompt_tokens: the prompt length of that metric.
-        compile_student: ``torch.compile`` the student's decoder (:mod:`lightning_distill.speedups`).
-        compile_teacher: ``torch.compile`` a frozen teacher's decoder.
-        liger_kernels: patch Liger Kernel's Llama kernels into both models (CUDA only; the ``bench`` extra).
+        performance: memory, speed and layout (:class:`~lightning_distill.options.Performance`).
+        validation: the on-policy view at validation (:class:`~lightning_distill.options.Validation`).
     """
 
     #: CoDistill trains its teacher; the other methods keep it frozen.
     trains_teacher: bool = False
+    #: whether the method takes a teacher behind a server (``teacher="http://HOST:PORT"``)
+    accepts_served_teacher: bool = False
 
     def __init__(
         self,
-        teacher: str | dict[str, Any] | None = DEFAULT_TEACHER,
+        teacher: str | list[str] | dict[str, Any] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
-        teacher_dtype: str | None = "auto",
-        teacher_sharding: str = "shard",
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
-        warmup_steps: int = 10,
-        min_lr_ratio: float = 0.1,
-        chunk_size: int | None = None,
         tokenizer: str | None = None,
+        optimization: Optimization = Optimization(),
         train_embeddings: bool = True,
-        eval_new_tokens: int = 0,
-        eval_prompt_tokens: int = 32,
-        compile_student: bool = False,
-        compile_teacher: bool = False,
-        liger_kernels: bool = False,
+        performance: Performance = Performance(),
+        validation: Validation = Validation(),
     ) -> None:
         super().__init__()
-        student = {"from_teacher": {"layers": 6}} if student is None else student
-        if teacher is None and isinstance(student, dict) and "from_teacher" in student:
+        self.save_hyperparameters(given_arguments(inspect.currentframe()))  # the one source of settings
+        for name, value, kind in (("optimization", optimization, Optimization),
+                                  ("performance", performance, Performance), ("validation", validation, Validation)):
+            checks.require(isinstance(value, kind), name, value, f"{kind.__name__}(...)",
+                           f"write {name}={kind.__name__}(...) (from lightning_distill.options)")
+        checks.require(isinstance(train_embeddings, bool), "train_embeddings", train_embeddings, "True or False")
+        spec = self.student_spec
+        if teacher is None and isinstance(spec, dict) and "from_teacher" in spec:
             raise ValueError("student={'from_teacher': ...} needs a teacher name; set teacher= or name a student model")
-        checks.number("learning_rate", learning_rate, "> 0", lambda v: v > 0, "1e-3")
-        checks.number("weight_decay", weight_decay, ">= 0", lambda v: v >= 0, "0.0")
-        checks.integer("warmup_steps", warmup_steps, ">= 0", lambda v: v >= 0, "10")
-        checks.number("min_lr_ratio", min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1, "0.1")
-        if chunk_size is not None:  # None: the measured default
-            checks.integer("chunk_size", chunk_size, ">= 0 (0 disables chunking)", lambda v: v >= 0, "256")
-        checks.integer("eval_new_tokens", eval_new_tokens, ">= 0 (0 turns the metric off)", lambda v: v >= 0, "0")
-        checks.integer("eval_prompt_tokens", eval_prompt_tokens, ">= 1", lambda v: v >= 1, "32")
-        as_dtype(teacher_dtype, "teacher_dtype")  # validates the name early
-        self.speedups = speedups.Speedups(compile_student, compile_teacher, liger_kernels, self.trains_teacher)
-        if teacher_sharding not in sharding.TEACHER_SHARDING:
-            raise ValueError(f"teacher_sharding must be one of {sharding.TEACHER_SHARDING}, got {teacher_sharding!r}")
-        self.teacher_name = teacher
-        self.student_spec = student
-        self.teacher_dtype = teacher_dtype
-        self.teacher_sharding = teacher_sharding
-        self.learning_rate = learning_rate
-        self.weight_decay = weight_decay
-        self.warmup_steps = warmup_steps
-        self.min_lr_ratio = min_lr_ratio
-        self.chunk_size = chunk_size
-        self.train_embeddings = train_embeddings
-        self.eval_new_tokens, self.eval_prompt_tokens = eval_new_tokens, eval_prompt_tokens
-        self.tokenizer_name = tokenizer or (teacher if isinstance(teacher, str) else student)
-        if not isinstance(self.tokenizer_name, str):
-            raise ValueError("neither teacher nor student is a model name: set tokenizer= to a model name")
+        served = is_url(teacher)
+        checks.require(not isinstance(teacher, (list, tuple)) or served, "teacher", teacher,
+                       "a model name, or a list of http:// URLs of servers of the same teacher")
+        if served:
+            check_served(type(self), teacher, spec, tokenizer, self.accepts_served_teacher)
+        speedups.check(performance, self.trains_teacher)
+        name = tokenizer or (teacher if isinstance(teacher, str) and not served else spec)
+        checks.require(isinstance(name, str), "tokenizer", tokenizer, "a model name when neither teacher nor "
+                       "student is one")
         #: where the teacher's signal comes from; methods set their own
         self.signal: TeacherSignal = LiveTeacher()
         self.student: PreTrainedModel | None = None
@@ -136,43 +128,79 @@ class DistillModule(L.LightningModule):
         # Loaded now (cheap) because the data module tokenizes before configure_model runs; a checkpoint being
         # loaded brings its own (checkpoint.restoring), so loading one does not need the teacher's folder.
         self._stored = saved.restored()
-        role = "tokenizer" if tokenizer else "teacher" if isinstance(teacher, str) else "student"
+        role = "tokenizer" if tokenizer else "teacher" if isinstance(teacher, str) and not served else "student"
         self.tokenizer: PreTrainedTokenizerBase = (saved.tokenizer_from(self._stored) if self._stored and not tokenizer
-                                                   else load_tokenizer(self.tokenizer_name, role))
+                                                   else load_tokenizer(name, role))
         self.teacher_missing: str | None = None  # why a checkpoint's live teacher could not be loaded
         self.val_metrics = ValidationMetrics()
         self.tokens = TokenWindow()
+        #: what the step under way measured of itself (``generated_tokens``, ``generation_seconds``), read and
+        #: cleared by the :class:`~lightning_distill.callbacks.Throughput` callback
+        self.step_stats: dict[str, float] = {}
 
     # ----------------------------------------------------------------------------------------------- models
+    @property
+    def student_spec(self) -> str | dict[str, Any]:
+        """The student as given, or the default 6-layer ``from_teacher`` student."""
+        return DEFAULT_STUDENT if self.hparams.student is None else self.hparams.student
+
+    @property
+    def teacher_name(self) -> str | list[str] | dict[str, Any] | None:
+        """The teacher as given (a name, a server's URL or URLs, CoDistill's ``{"config": ...}``, or ``None``)."""
+        return self.hparams.teacher
+
+    @property
+    def local_teacher(self) -> str | dict[str, Any] | None:
+        """The teacher as this machine has it: :attr:`teacher_name`, or, for a teacher behind a server, the
+        ``tokenizer=`` model (a local copy of it, which a ``from_teacher`` student is pruned from; ``None``
+        without one)."""
+        return self.hparams.tokenizer if is_url(self.teacher_name) else self.teacher_name
+
+    @property
+    def run(self) -> Run:
+        """What a teacher signal may use of this run: the models, the tokenizer, the step, the rank."""
+        return Run(teacher=self.teacher, tokenizer=self.tokenizer,
+                   teacher_name=self.teacher_name if isinstance(self.teacher_name, str) else None,
+                   student=self.student, step=self.global_step, rank=self.global_rank)
+
     def needs_teacher(self) -> bool:
         """Whether this run keeps a teacher in memory (False when the signal comes from stored labels)."""
         return self.teacher_name is not None and self.signal.needs_teacher
 
     def configure_model(self) -> None:
-        """Build the models, then lay them out for FSDP (:func:`~lightning_distill.sharding.prepare`); idempotent."""
+        """Build the models (:meth:`make_models`), then lay them out for FSDP (:func:`lightning_distill.sharding.
+        prepare`); idempotent."""
         self.make_models()
-        sharding.prepare(self)
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        problem = self.sharding_problem(strategy.world_size) if strategy is not None else None
+        sharding.prepare(self, strategy, self.trains_teacher, self.hparams.performance.teacher_sharding, problem)
 
     def make_models(self) -> None:
         """Build (once) the teacher and the student (:func:`lightning_distill.modules.building.make_models`)."""
         building.make_models(self)
 
-    def keep_models(self, student: PreTrainedModel, teacher: PreTrainedModel | None) -> None:
-        """Hold the student and the teacher this run keeps (:func:`~lightning_distill.modules.building.keep`)."""
-        building.keep(self, student, teacher)
-
     def configure_callbacks(self) -> list[L.Callback]:
-        """Step throughput (:mod:`~.throughput`), a CE-only run's teacher offload (placement), CPU memory reuse."""
+        """Step throughput and a CE-only run's teacher offload (:mod:`lightning_distill.callbacks`), once per
+        Trainer."""
         present = {type(c) for c in self._trainer.callbacks} if self._trainer is not None else set()
-        callbacks = (Throughput, placement.IdleTeacherOffload, cpu_memory.ReuseFreedMemory)
-        return [c() for c in callbacks if c not in present]  # once per Trainer
+        return [c() for c in (Throughput, IdleTeacherOffload) if c not in present]
 
     def setup(self, stage: str) -> None:
-        """Let the signal source open and check what it reads (a label store is checked against the data here)."""
+        """Check a label store's settings against the method's, then let the signal source open and check what it
+        reads (a label store is checked against the data here)."""
         if self.teacher_missing:  # loaded from a checkpoint whose live teacher is gone
             raise ValueError(self.teacher_missing)
-        self.signal.setup(self, stage)
+        manifest = self.signal.manifest
+        if manifest is not None:
+            self.check_store(manifest)
+        data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        self.signal.setup(self.run, stage, data)
 
+    def teardown(self, stage: str) -> None:
+        """Let the signal source close what it opened (a served teacher's connections and threads)."""
+        self.signal.teardown()
+
+    # ----------------------------------------------------------------------------- hooks a method may override
     def check_store(self, manifest: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the argument to change when a label store cannot feed this method."""
 
@@ -180,27 +208,38 @@ class DistillModule(L.LightningModule):
         """Whether the method matches the student to the teacher id by id (then their vocabularies must agree)."""
         return True
 
+    def teacher_unused_in_training(self) -> bool:
+        """Whether no training step asks the teacher (then an idle teacher leaves the accelerator while the student
+        trains, :class:`~lightning_distill.callbacks.IdleTeacherOffload`)."""
+        return False
+
+    def records_layers(self) -> bool:
+        """Whether the method records its models' layers with hooks (then they cannot be compiled)."""
+        return False
+
+    def sharding_problem(self, world_size: int) -> str | None:
+        """Why this method's settings cannot be sharded (FSDP) on ``world_size`` ranks, with the fix; ``None``
+        when they can."""
+        return None
+
+    def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
+        """(model, peak learning rate) pairs the optimizer trains; CoDistill adds its teacher."""
+        return [(self.student, self.hparams.optimization.learning_rate)]
+
+    def label_settings(self) -> dict[str, Any]:
+        """What a label store records about the teacher that wrote it (the dtype as resolved here)."""
+        dtype = as_dtype(self.hparams.performance.teacher_dtype) or torch.float32
+        return {"teacher": self.teacher_name, "teacher_dtype": str(dtype).removeprefix("torch.")}
+
     @property
     def max_positions(self) -> int | None:
         """Longest sequence the models take, known before the weights load (the data module checks block_size)."""
         return building.max_positions(self)
 
+    # -------------------------------------------------------------------------------------------- forward
     def forward(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
         """Student next-token logits (B, T, V), for inference."""
         return self.student(input_ids=input_ids, attention_mask=attention_mask).logits
-
-    def student_hidden(self, input_ids: Tensor, attention_mask: Tensor | None = None,
-                       position_ids: Tensor | None = None) -> Tensor:
-        """Final hidden states of the student, before its output head: (B, T, H)."""
-        return sharding.final_hidden(self.student, input_ids, attention_mask=attention_mask, position_ids=position_ids)
-
-    @torch.no_grad()
-    def teacher_logits(self, input_ids: Tensor, attention_mask: Tensor | None = None) -> Tensor:
-        """Frozen teacher's logits (B, T, V) under ``no_grad``, in the teacher's dtype."""
-        if self.teacher is None:
-            raise RuntimeError("this module has no live teacher (stored labels are used instead)")
-        self.teacher.eval()
-        return self.teacher(input_ids=input_ids, attention_mask=attention_mask).logits
 
     # ------------------------------------------------------------------------------------------------ loss
     def student_loss(self, input_ids: Tensor, targets: Tensor, teacher: Distribution | None = None, *,
@@ -214,7 +253,7 @@ class DistillModule(L.LightningModule):
             input_ids: (B, T) student input.
             targets: (B, T) token ids the student should predict (real text, or the teacher's tokens), -100 masked.
             teacher: the teacher's distribution aligned with ``input_ids``: logits (B, T, V), hidden states with its
-                head (:class:`~lightning_distill.signals.TeacherHidden`), or sparse targets (B, T, K) (stored top-k
+                head (:class:`~lightning_distill.losses.TeacherHidden`), or sparse targets (B, T, K) (stored top-k
                 or sampled ids, or the teacher's picks); unused when ``ce_weight == 1``.
             divergence: a :class:`~lightning_distill.losses.Divergence` or its name.
             ce_weight: ``loss = (1 - ce_weight) * KD + ce_weight * CE(targets)``.
@@ -226,32 +265,28 @@ class DistillModule(L.LightningModule):
             ``{"loss", "kd", "ce"}`` scalars, each a mean over this micro-batch's valid target tokens, and
             ``"tokens"``: that count.
         """
-        hidden = self.student_hidden(input_ids, attention_mask, position_ids)[:, :-1]  # (B, T-1, H)
+        hidden = final_hidden(self.student, input_ids, attention_mask=attention_mask,
+                              position_ids=position_ids)[:, :-1]  # (B, T-1, H)
         labels = targets[:, 1:]  # (B, T-1)
         tokens = (labels != IGNORE_INDEX).sum()
         teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
         head = self.student.get_output_embeddings()
-        kwargs = {"divergence": divergence, "ce_weight": ce_weight, "temperature": temperature}
+        settings = {"divergence": divergence, "ce_weight": ce_weight, "temperature": temperature}
         chunk_size = self.loss_chunk_size(teacher, hidden.device)
         if chunk_size == 0:
-            teacher = teacher.logits() if isinstance(teacher, TeacherHidden) else teacher
-            out = losses.distill_loss(head(hidden), teacher, labels, **kwargs)  # logits (B, T-1, V)
-        elif isinstance(teacher, TeacherHidden):
-            out = chunked.chunked_distill_loss(hidden, head, None, labels, chunk_size=chunk_size,
-                                               teacher_hidden=teacher.hidden, teacher_head=teacher.head, **kwargs)
+            out = distill_loss(head(hidden), teacher, labels, **settings)  # logits (B, T-1, V)
         else:
-            tail = {"tail": teacher.tail} if isinstance(teacher, SparseTargets) else {}
-            out = chunked.chunked_distill_loss(hidden, head, teacher, labels, chunk_size=chunk_size, **kwargs,
-                                               **tail)
+            out = chunked_distill_loss(hidden, head, teacher, labels, chunk_size=chunk_size, **settings)
         return {**out, "tokens": tokens}
 
     def loss_chunk_size(self, teacher: Distribution | None, device: torch.device) -> int:
-        """``chunk_size`` when set, else the path ``benchmarks/speed.py`` measured fastest: chunks of
-        :data:`~lightning_distill.chunked.DEFAULT_CHUNK_SIZE` for a teacher's hidden states (its logits never made)
+        """``performance.chunk_size`` when set, else the path ``benchmarks/speed.py`` measured fastest: chunks of
+        :data:`~lightning_distill.losses.DEFAULT_CHUNK_SIZE` for a teacher's hidden states (its logits never made)
         and on CUDA; 0 (one pass over the logits) for the rest on CPU."""
-        if self.chunk_size is not None:
-            return self.chunk_size
-        return chunked.DEFAULT_CHUNK_SIZE if isinstance(teacher, TeacherHidden) or device.type == "cuda" else 0
+        chunk_size = self.hparams.performance.chunk_size
+        if chunk_size is not None:
+            return chunk_size
+        return DEFAULT_CHUNK_SIZE if isinstance(teacher, TeacherHidden) or device.type == "cuda" else 0
 
     def backward_loss(self, loss: Tensor, tokens: Tensor) -> Tensor:
         """The value to backpropagate so that the accumulated gradient is token-exact (see :class:`TokenWindow`)."""
@@ -272,12 +307,13 @@ class DistillModule(L.LightningModule):
         teacher's own cross-entropy, under ``val/`` (in-domain) or ``val_ood/`` (second loader)."""
         labels = batch["labels"][:, 1:]  # (B, T-1)
         student = self(batch["input_ids"])[:, :-1].float()  # (B, T-1, V)
-        values = {"ce": losses.cross_entropy(student, labels)}
-        values.update(self.signal.validation_metrics(self, batch, student, labels, dataloader_idx))
+        values = {"ce": cross_entropy(student, labels)}
+        values.update(self.signal.validation_metrics(self.run, batch, student, labels, dataloader_idx))
         prefix = "val" if dataloader_idx == 0 else "val_ood"
         self.val_metrics.update(prefix, values, (labels != IGNORE_INDEX).sum())
-        if self.eval_new_tokens > 0 and dataloader_idx == 0 and self.teacher is not None:
-            scores, tokens = greedy_scores(self, batch, self.eval_prompt_tokens, self.eval_new_tokens)
+        options = self.hparams.validation
+        if options.new_tokens > 0 and dataloader_idx == 0 and self.teacher is not None:
+            scores, tokens = greedy_scores(self.run, batch, options.prompt_tokens, options.new_tokens)
             self.val_metrics.update(prefix, scores, tokens)
 
     def on_validation_epoch_start(self) -> None:
@@ -291,23 +327,15 @@ class DistillModule(L.LightningModule):
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """The teacher's signal of a batch, which :class:`~lightning_distill.store.LabelWriter` stores:
         ``{"block_idx": (B,), "logits": (B, T, V)}``."""
-        return {"block_idx": batch["block_idx"], "logits": self.teacher_logits(batch["input_ids"])}
-
-    def label_settings(self) -> dict[str, Any]:
-        """What a label store records about the teacher that wrote it (the dtype as resolved here)."""
-        dtype = as_dtype(self.teacher_dtype) or torch.float32
-        return {"teacher": self.teacher_name, "teacher_dtype": str(dtype).removeprefix("torch.")}
+        return {"block_idx": batch["block_idx"], "logits": LiveTeacher.logits(self.run, batch)}
 
     # -------------------------------------------------------------------------------------------- optimizer
-    def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
-        """(model, learning rate) pairs the optimizer trains; CoDistill adds its teacher."""
-        return [(self.student, self.learning_rate)]
-
     def configure_optimizers(self) -> dict[str, Any]:
         """AdamW (decay on matrices only) with linear warmup and cosine decay, stepped every optimizer step."""
         total = max(int(self.trainer.estimated_stepping_batches), 1) if self._trainer is not None else 1000
-        return optim.adamw_with_schedule(self.trainable_models(), self.weight_decay, self.warmup_steps,
-                                         self.min_lr_ratio, total)
+        options = self.hparams.optimization
+        return adamw_with_schedule(self.trainable_models(), options.weight_decay, options.warmup_steps,
+                                   options.min_lr_ratio, total)
 
     # ------------------------------------------------------------------------------------------- checkpoints
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
@@ -324,9 +352,11 @@ class DistillModule(L.LightningModule):
         """Lightning's ``load_from_checkpoint``, with the student and tokenizer taken from the checkpoint: the
         teacher's folder is needed only by a method that asks a live teacher (``teacher=NEW_PATH`` points at it).
         A missing file or one that is not a lightning_distill checkpoint is a ``ValueError`` that says so."""
-        with saved.restoring(saved.read(checkpoint_path, "checkpoint_path")):
+        checkpoint = saved.read(checkpoint_path, "checkpoint_path")
+        arguments = {**saved.option_groups(checkpoint), **kwargs}  # the option groups rebuilt; the caller's win
+        with saved.restoring(checkpoint):
             return super().load_from_checkpoint(checkpoint_path, map_location=map_location,
-                                                hparams_file=hparams_file, strict=strict, **kwargs)
+                                                hparams_file=hparams_file, strict=strict, **arguments)
 
     # ----------------------------------------------------------------------------------------------- export
     def export(self, path: str) -> str:
@@ -336,7 +366,7 @@ class DistillModule(L.LightningModule):
             raise ValueError(f"the export folder {path!r} is a file: give a folder to write the student to (it is "
                              "created if missing)")
         self.configure_model()
-        state = sharding.student_state_dict(self)  # None unless sharded
+        state = sharding.student_state_dict(self, self._strategy())  # None unless sharded
         if sharding.is_rank_zero():
             sharding.save_pretrained(self.student, path, state)
             self.tokenizer.save_pretrained(path)
@@ -346,8 +376,101 @@ class DistillModule(L.LightningModule):
                  do_sample: bool = False, temperature: float = 1.0, top_p: float = 1.0) -> list[str]:
         """Continue each prompt with the student or the teacher; returns only the new text."""
         net = self.student if model == "student" else self.teacher if model == "teacher" else None
-        if net is None:
-            raise ValueError(f"model must be 'student' or 'teacher' (with a live teacher), got {model!r}")
-        settings = generation.GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
-        with sharding.gathered(self):  # sharded: every rank takes every step (synced)
-            return generation.continue_texts(net, self.tokenizer, prompts, settings, synced=sharding.is_sharded(self))
+        checks.require(net is not None, "model", model, "'student' or 'teacher' (with a live teacher)")
+        settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
+        with sharding.gathered(self._strategy()):  # sharded: every rank takes every step (synced)
+            return continue_texts(net, self.tokenizer, prompts, settings, synced=sharding.is_sharded(self))
+
+    def _strategy(self) -> L.pytorch.strategies.Strategy | None:
+        return self._trainer.strategy if self._trainer is not None else None
+
+
+def check_served(method: type, teacher: Any, student: Any, tokenizer: str | None, accepted: bool) -> None:
+    """A served teacher (``teacher="http://..."``) is refused by a method that asks a model, and a ``from_teacher``
+    student needs a local copy of the teacher to be pruned from (named by ``tokenizer``)."""
+    name = method.__name__
+    if not accepted:
+        raise ValueError(f"teacher={teacher!r} is a teacher behind a server, which {name} cannot ask (it needs the "
+                         "model itself): use SoftDistill(teacher=...), or name the teacher's model or folder")
+    if isinstance(student, dict) and "from_teacher" in student and tokenizer is None:
+        raise ValueError(f"student={student!r} prunes the teacher's weights, but teacher={teacher!r} keeps them on "
+                         "the server: name a local copy of the same teacher with tokenizer=NAME (it builds the "
+                         "student, and its tokenizer is checked against the server's), or give the student as a "
+                         "model name or {'config': {...}}")
+
+
+def given_arguments(frame: types.FrameType | None) -> dict[str, Any]:
+    """The arguments of the ``__init__`` calls of a DistillModule (sub)class under way, from ``frame`` (the base
+    class's ``__init__``) outward: the subclass's values win. What ``save_hyperparameters()`` collects outside
+    LightningCLI."""
+    found: dict[str, Any] = {}
+    for arguments in collect_init_args(frame, [], classes=(DistillModule,)):
+        found.update(arguments)
+    return found
+
+
+class TokenWindow:
+    """Token-exact gradient accumulation: the accumulated gradient is the mean over every valid target token of the
+    whole accumulation window and of all ranks, not a mean of per-micro-batch means.
+
+    Each micro-batch backpropagates ``sum_i / scale`` (:meth:`backward_value`, ``scale`` being the first
+    micro-batch's token count, a constant); Lightning divides by N = ``accumulate_grad_batches`` and DDP averages
+    over W ranks, so the gradient is ``sum / (N * W * scale)``. :meth:`rescale` multiplies it by
+    ``N * W * scale / total_tokens``, which gives exactly ``sum / total_tokens``.
+    """
+
+    def __init__(self) -> None:
+        self.tokens = 0.0  # valid target tokens since the last optimizer step
+        self.scale: float | None = None
+
+    def backward_value(self, loss: Tensor, tokens: Tensor) -> Tensor:
+        """The value to backpropagate for a micro-batch whose mean loss over ``tokens`` valid tokens is ``loss``."""
+        if self.scale is None:
+            self.scale = max(float(tokens), 1.0)
+        self.tokens += float(tokens)
+        return loss * tokens / self.scale
+
+    def rescale(self, optimizer: torch.optim.Optimizer, trainer: L.Trainer | None, device: torch.device) -> None:
+        """Turn the accumulated gradients into the mean over the window's valid tokens (all ranks)."""
+        if self.scale is None:
+            return
+        total = torch.tensor(self.tokens, device=device, dtype=torch.float64)
+        world = trainer.world_size if trainer is not None else 1
+        if world > 1:
+            total = trainer.strategy.reduce(total, reduce_op="sum")
+        accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
+        factor = accumulate * world * self.scale / max(float(total), 1.0)
+        self.tokens = 0.0
+        if factor != 1.0:
+            for group in optimizer.param_groups:
+                for p in group["params"]:
+                    if p.grad is not None:
+                        p.grad.mul_(factor)
+
+
+def lr_factor(step: int, total: int, warmup_steps: int, min_lr_ratio: float) -> float:
+    """Multiplier of the peak learning rate at ``step`` of ``total``: linear warmup over ``warmup_steps``, then
+    cosine decay to ``min_lr_ratio`` at the last step."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min((step - warmup_steps) / max(total - warmup_steps, 1), 1.0)
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def adamw_with_schedule(models: list[tuple[torch.nn.Module, float]], weight_decay: float, warmup_steps: int,
+                        min_lr_ratio: float, total_steps: int) -> dict[str, Any]:
+    """Lightning's ``configure_optimizers`` answer: one AdamW with two parameter groups per (model, peak lr) pair
+    (decay on matrices, none on biases and norms) and the schedule of :func:`lr_factor`, stepped every step.
+
+    One AdamW with per-model groups is equivalent to one AdamW per model (its state is per parameter) and keeps
+    Lightning's automatic optimization, gradient accumulation and every strategy.
+    """
+    groups = []
+    for model, lr in models:
+        params = [p for p in model.parameters() if p.requires_grad]
+        groups.append({"params": [p for p in params if p.ndim >= 2], "lr": lr, "weight_decay": weight_decay})
+        groups.append({"params": [p for p in params if p.ndim < 2], "lr": lr, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, betas=(0.9, 0.95), eps=1e-8)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: lr_factor(step, total_steps, warmup_steps, min_lr_ratio))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

@@ -13,18 +13,17 @@ teacher's arg-max from a ``top1``, ``topk`` or ``sampled`` store, ``generate`` e
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
-from lightning_distill import checks, generation
+from lightning_distill import checks
 from lightning_distill.backbone import DEFAULT_TEACHER
+from lightning_distill.losses import SparseTargets
 from lightning_distill.modules.base import DistillModule
 from lightning_distill.modules.sequences import TeacherSequences
+from lightning_distill.options import Generation, Optimization, Performance, Validation
 from lightning_distill.signals import LiveTeacher, StoredLabels
-from lightning_distill.sparse import SparseTargets
-
-MODES = ("top1", "generate")
 
 
 class HardDistill(DistillModule):
@@ -33,91 +32,91 @@ class HardDistill(DistillModule):
     Args:
         teacher: teacher model name (see :class:`DistillModule`).
         student: student spec (see :class:`DistillModule`).
+        tokenizer: tokenizer model name (see :class:`DistillModule`).
         mode: ``"top1"`` (teacher's arg-max at each position of the real text) or ``"generate"`` (teacher
             continuations of corpus prompts).
         ce_weight: ``top1`` only: weight of CE on the real next token, in [0, 1].
-        prompt_tokens: ``generate``: the first this-many tokens of each block form the prompt.
-        max_new_tokens: ``generate``: length of the teacher's continuation.
-        do_sample: ``generate``: sample instead of greedy decoding.
-        temperature: ``generate`` with sampling: sampling temperature > 0.
-        top_p: ``generate`` with sampling: nucleus mass in (0, 1].
-        generations_dir: ``generate``: folder of stored continuations; default under the cache directory, in a
-            subfolder keyed by teacher and generation settings.
+        generation: ``generate``: prompt length, continuation length, decoding and where continuations are kept
+            (:class:`~lightning_distill.options.Generation`).
         labels: folder of a label store to train from instead of a live teacher: ``top1`` / ``topk`` /
             ``sampled`` for ``mode="top1"``, ``generate`` (same ``prompt_tokens`` and ``max_new_tokens``) for
             ``mode="generate"``.
-        **kwargs: :class:`DistillModule` arguments.
+        optimization: see :class:`DistillModule`.
+        train_embeddings: see :class:`DistillModule`.
+        performance: see :class:`DistillModule`.
+        validation: see :class:`DistillModule`.
     """
 
     def __init__(
         self,
         teacher: str | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
-        mode: str = "top1",
+        tokenizer: str | None = None,
+        mode: Literal["top1", "generate"] = "top1",
         ce_weight: float = 0.0,
-        prompt_tokens: int = 32,
-        max_new_tokens: int = 64,
-        do_sample: bool = False,
-        temperature: float = 1.0,
-        top_p: float = 1.0,
-        generations_dir: str | None = None,
+        generation: Generation = Generation(),
         labels: str | None = None,
-        **kwargs: Any,
+        optimization: Optimization = Optimization(),
+        train_embeddings: bool = True,
+        performance: Performance = Performance(),
+        validation: Validation = Validation(),
     ) -> None:
-        if mode not in MODES:
-            raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        checks.choice("mode", mode, ("top1", "generate"))
         checks.number("ce_weight", ce_weight, "in [0, 1]", lambda v: 0 <= v <= 1, "0.0")
-        checks.integer("prompt_tokens", prompt_tokens, ">= 1", lambda v: v >= 1, "32")
-        self.generation = generation.GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
-        signal = StoredLabels(labels) if labels is not None else LiveTeacher(generations_dir)
-        super().__init__(teacher=teacher, student=student, **kwargs)
-        self.save_hyperparameters()
-        self.mode = mode
-        self.ce_weight = ce_weight
-        self.prompt_tokens = prompt_tokens
+        checks.require(isinstance(generation, Generation), "generation", generation, "Generation(...)",
+                       "write e.g. generation=Generation(max_new_tokens=64)")
+        signal = StoredLabels(labels) if labels is not None else LiveTeacher(generation.cache_dir)
+        super().__init__(teacher=teacher, student=student, tokenizer=tokenizer, optimization=optimization,
+                         train_embeddings=train_embeddings, performance=performance, validation=validation)
         self.signal = signal
         #: the sequence-level piece (``mode="generate"``), None at token level
-        self.sequences = TeacherSequences(prompt_tokens, self.generation) if mode == "generate" else None
+        self.sequences = TeacherSequences(generation) if mode == "generate" else None
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """``top1`` trains from any per-position store; ``generate`` from a generate store of equal settings."""
-        kind, where = manifest["kind"], f"labels={self.hparams.labels!r}"
-        if (kind == "generate") != (self.mode == "generate"):
-            raise ValueError(f"{where} is a {kind!r} store, which mode={self.mode!r} cannot use: "
+        kind, where, mode = manifest["kind"], f"labels={self.hparams.labels!r}", self.hparams.mode
+        if (kind == "generate") != (mode == "generate"):
+            raise ValueError(f"{where} is a {kind!r} store, which mode={mode!r} cannot use: "
                              f"set mode={'generate' if kind == 'generate' else 'top1'!r}")
         if self.sequences is not None:
             self.sequences.check_store(manifest)
 
     def setup(self, stage: str) -> None:
         if self.sequences is not None:
-            self.sequences.check_fit(self)
+            self.sequences.check_fit(self.max_positions, getattr(self._trainer, "datamodule", None))
         super().setup(stage)
 
     def compares_vocabularies(self) -> bool:
         """``top1`` matches the teacher's picks id by id; ``generate`` trains on its continuations only."""
-        return self.mode == "top1"
+        return self.sequences is None
+
+    def sharding_problem(self, world_size: int) -> str | None:
+        """A live teacher sharded over several ranks cannot generate continuations: each rank generates for the
+        prompts missing from its own cache, so the ranks would run different numbers of sharded forwards."""
+        live = self.sequences is not None and self.hparams.labels is None
+        if live and world_size > 1 and self.hparams.performance.teacher_sharding == "shard":
+            return ("mode='generate' with a sharded live teacher would generate a different number of steps on each "
+                    "rank: set performance.teacher_sharding='replicate', or train from a generate label store "
+                    "(labels=)")
+        return None
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.sequences is None:
-            picks = SparseTargets.from_picks(self.signal.picks(self, batch))  # (B, T, 1): KD is CE on the picks
-            parts = self.student_loss(batch["input_ids"], batch["labels"], picks, ce_weight=self.ce_weight)
+            picks = SparseTargets.from_picks(self.signal.picks(self.run, batch))  # (B, T, 1): KD is CE on the picks
+            parts = self.student_loss(batch["input_ids"], batch["labels"], picks, ce_weight=self.hparams.ce_weight)
         else:
-            sequences, targets = self.teacher_sequences(batch)  # (B, P + N) each
+            sequences, targets = self.sequences.training_batch(self.signal, self.run, batch)  # (B, P + N) each
             parts = self.student_loss(sequences, targets, ce_weight=1.0)
             parts = {"loss": parts["loss"], "kd": parts["ce"], "tokens": parts["tokens"]}
         self.log_train(parts, batch["input_ids"].shape[0])
         return self.backward_loss(parts["loss"], parts["tokens"])
-
-    def teacher_sequences(self, batch: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-        """``generate``: prompts + the teacher's continuations, and their targets (:class:`TeacherSequences`)."""
-        return self.sequences.training_batch(self, batch)
 
     def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
         """The teacher's signal for the label writer: ``top1`` as every method (logits); ``generate`` its
         continuations (:meth:`TeacherSequences.predict`)."""
         if self.sequences is None:
             return super().predict_step(batch, batch_idx, dataloader_idx)
-        return self.sequences.predict(self, batch)
+        return self.sequences.predict(self.run, batch)
 
     def label_settings(self) -> dict[str, Any]:
         """The teacher, and in ``generate`` mode the generation settings a store records."""

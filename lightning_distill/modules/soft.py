@@ -4,165 +4,186 @@
 :mod:`lightning_distill.losses`. ``ce_weight=1`` is plain fine-tuning with the teacher unused in training (the
 CE-only baseline; the teacher then only serves validation metrics), ``ce_weight=0`` pure distillation.
 
-The teacher's distribution comes from a live teacher (its hidden states and head; the loss makes the logits), or
+The teacher's distribution comes from a live teacher (its hidden states and head; the loss makes the logits), from a
+teacher behind a server (``teacher="http://HOST:PORT"``, :class:`~lightning_distill.signals.ServedTeacher`: its
+top-k or sampled targets, as a label store's, ``served`` says which), or
 with ``labels=PATH`` from a label store written once by ``lightning-distill predict``
 (:class:`~lightning_distill.signals.StoredLabels`): then the teacher is never kept in memory (a named teacher is
 loaded only to build a ``from_teacher`` student). Top-k stores take any divergence with ``tail="bucket"`` (the K ids
 + the rest) and the forward KL with ``tail="renorm"``; sampled stores the unbiased random-sampling estimate of the
 forward KL (Anshumann et al. 2025).
 
-On-policy distillation (:mod:`lightning_distill.signals.sampled`): with ``lmbda > 0`` that share of the batches is
-replaced by the student's own continuations of their first ``prompt_tokens`` tokens (or of prompts from a file),
-graded token by token by the live teacher with ``on_policy_loss``; ``lmbda=0`` is exactly the off-policy method.
+On-policy distillation (``on_policy``, :mod:`lightning_distill.signals.sampled`): that share of the batches is
+replaced by the student's own continuations of their first tokens (or of prompts from a file), graded token by
+token by the live teacher; ``on_policy=None`` is the off-policy method.
 
-Feature distillation (:mod:`lightning_distill.features`): with ``feature_weight > 0`` each student layer's hidden
-states are also matched to a teacher layer's (recorded during the teacher's forward that gives its distribution), and
-``loss += feature_weight * feature_loss``; ``feature_weight=0`` computes and holds nothing more.
+Feature distillation (``features``, :mod:`lightning_distill.features`): each student layer's hidden states are also
+matched to a teacher layer's (recorded during the teacher's forward that gives its distribution), and
+``loss += features.weight * feature_loss``; ``features=None`` computes and holds nothing more.
 """
 
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from functools import partial
+from typing import Any, Literal
 
 import torch
 from torch import Tensor
 
-from lightning_distill import checks, features, pruning
+from lightning_distill import checks, pruning
 from lightning_distill.backbone import DEFAULT_TEACHER
-from lightning_distill.generation import GenerationSettings
-from lightning_distill.losses import Divergence, ForwardKL, divergence_from
+from lightning_distill.features import FeatureMatcher, Recording, valid_positions
+from lightning_distill.losses import Divergence, ForwardKL, get_divergence
 from lightning_distill.modules.base import DistillModule
-from lightning_distill.signals import LiveTeacher, StoredLabels, StudentSamples
+from lightning_distill.options import Features, OnPolicy, Optimization, Performance, Served, Validation
+from lightning_distill.serve.client import is_url
+from lightning_distill.signals import LiveTeacher, ServedTeacher, StoredLabels, StudentSamples, TeacherSignal
+
+DivergenceName = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 
 
 class SoftDistill(DistillModule):
     """Soft-label (logit) distillation.
 
     Args:
-        teacher: teacher model name (see :class:`DistillModule`).
+        teacher: teacher model name (see :class:`DistillModule`), or the URL of a teacher server
+            (``"http://HOST:PORT"``: ``lightning-distill serve`` or ``vllm serve``), or a list of URLs of servers of
+            the same teacher.
         student: student spec (see :class:`DistillModule`).
+        tokenizer: tokenizer model name (see :class:`DistillModule`).
         loss: the divergence: a name (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``,
-            ``skew_reverse_kl``, ``tvd``; see :data:`lightning_distill.losses.DIVERGENCES`), built with ``beta`` /
-            ``alpha`` where it takes them, or a :class:`~lightning_distill.losses.Divergence` object.
-        beta: ``generalized_jsd`` by name: interpolation in [0, 1] (0 = forward KL, 1 = reverse KL).
-        alpha: ``skew_kl`` / ``skew_reverse_kl`` by name: skew in [0, 1].
+            ``skew_reverse_kl``, ``tvd``; :data:`lightning_distill.losses.DIVERGENCES`) or an object with its
+            parameters, e.g. ``GeneralizedJSD(beta=0.3)`` (YAML: ``class_path`` / ``init_args``).
         temperature: softening temperature T > 0; the KD term is scaled by T^2.
         ce_weight: weight of cross-entropy on the real text, in [0, 1].
         labels: folder of a ``topk`` or ``sampled`` label store to train from instead of a live teacher; its
             ``temperature`` must equal ``temperature``.
         tail: top-k stores: ``"bucket"`` or ``"renorm"`` (forward KL only); see
-            :func:`lightning_distill.sparse.topk_forward_kl`.
-        lmbda: share of batches trained on-policy, in [0, 1] (GKD's ``lmbda``): 0 = off-policy only, 1 = always.
-        on_policy_start: optimizer steps trained off-policy before on-policy batches begin (a pruned student's
-            samples are noise at first; see the README); 0: from the first step.
-        on_policy_loss: loss on the student's samples: a divergence (name or object; default reverse KL, as the
-            on-policy papers use) over the full distributions, or ``"sampled_token"`` (only the teacher's log-prob
-            of each sampled token, as a negative advantage; temperature 1).
-        prompt_tokens: on-policy prompts: a block's first this-many tokens, or at most this many of a file prompt.
-        max_new_tokens: tokens the student samples per prompt.
-        sample_temperature: the student's sampling temperature > 0 (1: its own distribution).
-        top_p: the student's nucleus sampling mass in (0, 1].
-        prompts: a JSONL prompt file (``{"prompt": ...}`` or ``{"messages": [...]}`` per line, the latter rendered
-            with the chat template); ``None``: prompts from the corpus blocks.
-        feature_weight: weight >= 0 of the feature (hidden-state) term added to the loss; 0 turns it off. Needs a
-            live teacher and off-policy training (``labels=None``, ``lmbda=0``).
-        feature_loss: ``"cosine"`` (1 - cosine similarity per token) or ``"mse"`` (MSE of layer-normalized states).
-        feature_layers: ``{student layer: teacher layer}`` to match; ``None``: every student layer to the teacher
-            layer it was copied from (``from_teacher`` students), else to evenly spaced teacher layers.
-        **kwargs: :class:`DistillModule` arguments (learning rate, schedule, chunking, dtypes).
+            :func:`lightning_distill.losses.topk_forward_kl`.
+        on_policy: train a share of the batches on the student's own samples (:class:`~lightning_distill.options.
+            OnPolicy`); ``None`` (or ``lmbda=0``): off-policy only.
+        features: add the feature (hidden-state) term (:class:`~lightning_distill.options.Features`); ``None``: off.
+            Needs a live teacher and off-policy training.
+        optimization: see :class:`DistillModule`.
+        train_embeddings: see :class:`DistillModule`.
+        performance: see :class:`DistillModule`.
+        validation: see :class:`DistillModule`.
+        served: with a served teacher, what is asked of the server (top-k or sampled, k, protocol) and how long a
+            failing one is waited for (:class:`~lightning_distill.options.Served`).
     """
+
+    accepts_served_teacher = True
 
     def __init__(
         self,
-        teacher: str | None = DEFAULT_TEACHER,
+        teacher: str | list[str] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
-        loss: str | Divergence = "forward_kl",
-        beta: float = 0.5,
-        alpha: float = 0.1,
+        tokenizer: str | None = None,
+        loss: DivergenceName | Divergence = "forward_kl",
         temperature: float = 1.0,
         ce_weight: float = 0.5,
         labels: str | None = None,
-        tail: str = "bucket",
-        lmbda: float = 0.0,
-        on_policy_start: int = 0,
-        on_policy_loss: str | Divergence = "reverse_kl",
-        prompt_tokens: int = 32,
-        max_new_tokens: int = 64,
-        sample_temperature: float = 1.0,
-        top_p: float = 1.0,
-        prompts: str | None = None,
-        feature_weight: float = 0.0,
-        feature_loss: str = "cosine",
-        feature_layers: dict[int, int] | None = None,
-        **kwargs: Any,
+        tail: Literal["bucket", "renorm"] = "bucket",
+        on_policy: OnPolicy | None = None,
+        features: Features | None = None,
+        optimization: Optimization = Optimization(),
+        train_embeddings: bool = True,
+        performance: Performance = Performance(),
+        validation: Validation = Validation(),
+        served: Served = Served(),
     ) -> None:
-        self.divergence = divergence_from(loss, beta=beta, alpha=alpha)
+        self.divergence = get_divergence(loss)
         checks.number("temperature", temperature, "> 0", lambda v: v > 0, "1.0")
         checks.number("ce_weight", ce_weight, "in [0, 1] (1 = CE-only baseline)", lambda v: 0 <= v <= 1, "0.5")
-        features.check_arguments(feature_weight, feature_loss, feature_layers)
-        if feature_weight > 0 and labels is not None:
-            raise ValueError(f"feature_weight={feature_weight} matches the teacher's hidden states, which the label "
-                             f"store labels={labels!r} does not hold: set feature_weight=0 to train from stored "
-                             "labels, or labels=None to use a live teacher")
-        if feature_weight > 0 and lmbda > 0:
-            raise ValueError(f"feature_weight={feature_weight} matches hidden states on the corpus text, but "
-                             f"lmbda={lmbda} trains on the student's own samples: set lmbda=0 or feature_weight=0")
+        checks.choice("tail", tail, ("bucket", "renorm"))
+        checks.require(on_policy is None or isinstance(on_policy, OnPolicy), "on_policy", on_policy,
+                       "None or OnPolicy(...)", "write e.g. on_policy=OnPolicy(lmbda=0.5)")
+        checks.require(features is None or isinstance(features, Features), "features", features,
+                       "None or Features(...)", "write e.g. features=Features(weight=1.0)")
+        active = on_policy if on_policy is not None and on_policy.lmbda > 0 else None  # lmbda=0: off-policy
+        if features is not None and is_url(teacher):
+            raise ValueError(f"features={features} matches the teacher's hidden states, which teacher={teacher!r} "
+                             "keeps on its server: set features=None to train from the served teacher, or name the "
+                             "teacher's model")
+        if features is not None and labels is not None:
+            raise ValueError(f"features={features} matches the teacher's hidden states, which the label store "
+                             f"labels={labels!r} does not hold: set features=None to train from stored labels, or "
+                             "labels=None to use a live teacher")
+        if features is not None and active is not None:
+            raise ValueError(f"features={features} matches hidden states on the corpus text, but on_policy trains on "
+                             "the student's own samples: set on_policy=None or features=None")
         if tail == "renorm" and not isinstance(self.divergence, ForwardKL):
             raise ValueError(f"tail='renorm' leaves the teacher 0 outside its top-k ids, where only forward_kl is "
                              f"defined: use tail='bucket' with loss={loss!r}")
-        signal = StoredLabels(labels, tail) if labels is not None else LiveTeacher()
-        if labels is None and tail not in ("bucket", "renorm"):
-            raise ValueError(f"tail must be 'bucket' or 'renorm', got {tail!r}")
-        if lmbda > 0 and labels is not None:
-            raise ValueError(f"lmbda={lmbda} needs a live teacher to grade the student's samples, but labels="
-                             f"{labels!r} is set: use lmbda=0 with stored labels, or labels=None")
-        checks.integer("on_policy_start", on_policy_start, ">= 0 (optimizer steps)", lambda v: v >= 0, "0")
-        if on_policy_start > 0 and lmbda == 0:
-            raise ValueError(f"on_policy_start={on_policy_start} delays on-policy batches, but lmbda=0 trains none: "
-                             "set lmbda > 0, or on_policy_start=0")
-        if lmbda > 0:
-            settings = GenerationSettings(max_new_tokens, True, sample_temperature, top_p)
-            signal = StudentSamples(signal, lmbda, on_policy_loss, settings, prompt_tokens, prompts,
-                                    start=on_policy_start)
-        elif not 0 <= lmbda <= 1:
-            raise ValueError(f"lmbda must be in [0, 1] (the share of on-policy batches), got {lmbda}")
-        super().__init__(teacher=teacher, student=student, **kwargs)
-        self.save_hyperparameters()
-        self.temperature = temperature
-        self.ce_weight = ce_weight
-        self.signal = signal
-        self.feature_weight = float(feature_weight)
-        self.features = features.FeatureMatcher(feature_loss, feature_layers) if feature_weight > 0 else None
+        if active is not None and labels is not None:
+            raise ValueError(f"on_policy={on_policy} needs a live teacher to grade the student's samples, but labels="
+                             f"{labels!r} is set: use on_policy=None with stored labels, or labels=None")
+        signal = self.signal_for(teacher, labels, tail, temperature, served)
+        super().__init__(teacher=teacher, student=student, tokenizer=tokenizer, optimization=optimization,
+                         train_embeddings=train_embeddings, performance=performance, validation=validation)
+        self.signal = StudentSamples(signal, active) if active is not None else signal
+        #: the feature term (a submodule: its projection is trained and checkpointed), ``None`` when off
+        self.features = FeatureMatcher(features) if features is not None else None
+
+    def signal_for(self, teacher: Any, labels: str | None, tail: str, temperature: float,
+                   served: Served) -> TeacherSignal:
+        """Where the teacher's distribution comes from: the label store, the server(s), or the live teacher."""
+        checks.require(isinstance(served, Served), "served", served, "Served(...)",
+                       "write served=Served(k=32) (from lightning_distill.options)")
+        if not is_url(teacher):
+            if served != Served():
+                raise ValueError(f"served={served} sets how a teacher server is asked, but teacher={teacher!r} is "
+                                 "not a server's URL: leave served out, or set teacher='http://HOST:PORT'")
+            return StoredLabels(labels, tail) if labels is not None else LiveTeacher()
+        if labels is not None:
+            raise ValueError(f"labels={labels!r} and teacher={teacher!r} are two teacher signals: set labels=None to "
+                             "ask the server, or teacher=None to train from the store")
+        if served.kind == "sampled" and not self.divergence.linear_in_teacher:
+            raise ValueError(f"loss={self.divergence.name!r} has no unbiased estimate from sampled targets: use "
+                             "loss='forward_kl', or served.kind='topk'")
+        return ServedTeacher(teacher, served, tail, temperature)
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """A store feeds SoftDistill when it holds soft targets at this temperature for this divergence."""
-        where = f"labels={self.hparams.labels!r}"
+        where, temperature = f"labels={self.hparams.labels!r}", self.hparams.temperature
         if manifest["kind"] not in ("topk", "sampled"):
             raise ValueError(f"{where} is a {manifest['kind']!r} store; SoftDistill trains from 'topk' or 'sampled' "
                              "stores: use HardDistill(labels=...) for hard labels")
-        if manifest["temperature"] != self.temperature:
+        if manifest["temperature"] != temperature:
             raise ValueError(f"{where} was written at temperature={manifest['temperature']}, this model has "
-                             f"temperature={self.temperature}: set temperature={manifest['temperature']}")
+                             f"temperature={temperature}: set temperature={manifest['temperature']}")
         if manifest["kind"] == "sampled" and not self.divergence.linear_in_teacher:
             raise ValueError(f"loss={self.divergence.name!r} has no unbiased estimate from sampled labels: use "
                              "loss='forward_kl', or a 'topk' store with tail='bucket'")
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
+        temperature, ce_weight = self.hparams.temperature, self.hparams.ce_weight
+        run = self.run
         if isinstance(self.signal, StudentSamples) and self.signal.chooses(self.global_step):  # on-policy batch
-            parts = self.student_loss(**self.signal.loss_inputs(self, batch, self.temperature))
+            rollout = self.signal.rollout(run, batch)
+            self.step_stats.update(generated_tokens=rollout["generated"], generation_seconds=rollout["seconds"])
+            parts = self.student_loss(**self.signal.loss_inputs(run, rollout, temperature))
         else:
             with self.feature_recording() as record:  # both forwards below record the matched layers' states
-                needed = self.ce_weight < 1 or record is not None
-                teacher = self.signal.distribution(self, batch) if needed else None
+                needed = ce_weight < 1 or record is not None
+                teacher = self.signal.distribution(run, batch) if needed else None
                 parts = self.student_loss(batch["input_ids"], batch["labels"], teacher, divergence=self.divergence,
-                                          ce_weight=self.ce_weight, temperature=self.temperature)
+                                          ce_weight=ce_weight, temperature=temperature)
             if record is not None:
-                mask = features.valid_positions(batch["labels"], batch.get("attention_mask"))  # (B, T-1)
+                mask = valid_positions(batch["labels"], batch.get("attention_mask"))  # (B, T-1)
                 parts["feature_loss"] = self.features(record, mask)
-                parts["loss"] = parts["loss"] + self.feature_weight * parts["feature_loss"]
+                parts["loss"] = parts["loss"] + self.hparams.features.weight * parts["feature_loss"]
         self.log_train(parts, batch["input_ids"].shape[0])
         return self.backward_loss(parts["loss"], parts["tokens"])
+
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """The teacher's signal for the label writer: logits, or from a served teacher ``"records"``, a function
+        that asks the server for the batch's records in the writer's settings (the server encodes them as the
+        writer would)."""
+        if isinstance(self.signal, ServedTeacher):
+            return {"block_idx": batch["block_idx"], "records": partial(self.signal.label_records, batch)}
+        return super().predict_step(batch, batch_idx, dataloader_idx)
 
     # ------------------------------------------------------------------------------------------ feature term
     def make_models(self) -> None:
@@ -173,18 +194,21 @@ class SoftDistill(DistillModule):
             default = None if self.features.requested else pruning.counterparts(student, teacher.num_hidden_layers)
             self.features.bind(student, teacher, default)
 
-    def feature_recording(self) -> AbstractContextManager[features.Recording | None]:
+    def feature_recording(self) -> AbstractContextManager[Recording | None]:
         """Records the matched layers' states of the forwards made inside (``None`` when the term is off)."""
         if self.features is None:
             return nullcontext()
         return self.features.recording(pruning.decoder_layers(self.student), pruning.decoder_layers(self.teacher))
 
+    def records_layers(self) -> bool:
+        return self.features is not None
+
     def teacher_unused_in_training(self) -> bool:
-        """CE-only, off-policy, no feature term: no training step asks the teacher (:mod:`~.placement` offloads it)."""
-        return self.ce_weight == 1.0 and self.features is None and not isinstance(self.signal, StudentSamples)
+        """CE-only, off-policy, no feature term: no training step asks the teacher."""
+        return self.hparams.ce_weight == 1.0 and self.features is None and not isinstance(self.signal, StudentSamples)
 
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
         """The student, and the feature projection when the widths differ (at the student's learning rate)."""
         extra = self.features is not None and self.features.projection is not None
-        return super().trainable_models() + ([(self.features, self.learning_rate)] if extra else [])
-
+        lr = self.hparams.optimization.learning_rate
+        return super().trainable_models() + ([(self.features, lr)] if extra else [])

@@ -8,21 +8,20 @@ are memory-mapped and gathered per batch, so a store is never held in memory.
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import Tensor
 
-from lightning_distill import metrics
-from lightning_distill.backbone import tokenizer_fingerprint
+from lightning_distill import checks, metrics
+from lightning_distill.backbone import Run, tokenizer_fingerprint
+from lightning_distill.data import SPLITS
 from lightning_distill.generation import GenerationSettings
+from lightning_distill.losses import SparseTargets
+from lightning_distill.losses.sparse import TAILS
 from lightning_distill.signals.base import Batch, TeacherSignal
-from lightning_distill.sparse import TAILS, SparseTargets
-from lightning_distill.store import SPLITS, LabelStore, SplitLabels, read_manifest
-
-if TYPE_CHECKING:
-    from lightning_distill.modules.base import DistillModule
+from lightning_distill.store import LabelStore, SplitLabels, read_manifest
 
 
 class StoredLabels(TeacherSignal):
@@ -31,16 +30,15 @@ class StoredLabels(TeacherSignal):
     Args:
         path: folder of a complete label store.
         tail: ``topk`` stores: how the teacher's missing mass is treated (see
-            :func:`lightning_distill.sparse.topk_forward_kl`), ``"bucket"`` or ``"renorm"``.
+            :func:`lightning_distill.losses.topk_forward_kl`), ``"bucket"`` or ``"renorm"``.
     """
 
     needs_teacher = False
 
     def __init__(self, path: str, tail: str = "bucket") -> None:
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"labels must be the folder of a label store, or None for a live teacher, got {path!r}")
-        if tail not in TAILS:
-            raise ValueError(f"tail must be one of {TAILS}, got {tail!r}")
+        checks.require(isinstance(path, str) and bool(path), "labels", path,
+                       "the folder of a label store, or None for a live teacher")
+        checks.choice("tail", tail, TAILS)
         self.path, self.tail = path, tail
         self.store: LabelStore | None = None
         self.splits: dict[str, SplitLabels | None] = {}
@@ -50,17 +48,14 @@ class StoredLabels(TeacherSignal):
         """The store's manifest (read on first use)."""
         return self.store.manifest if self.store is not None else read_manifest(self.path)
 
-    def setup(self, module: DistillModule, stage: str) -> None:
-        """Open the store (checksums verified), let the method check its settings against it, and check it was
-        made for the data module's blocks."""
+    def setup(self, run: Run, stage: str, data: Any = None) -> None:
+        """Open the store (checksums verified) and check it was made for the data module's blocks (the method has
+        checked its own settings against :attr:`manifest`)."""
         if self.store is not None:
             return
-        manifest = read_manifest(self.path)
-        module.check_store(manifest)
         self.store = LabelStore(self.path)
-        data = getattr(module.trainer, "datamodule", None) if module._trainer is not None else None
         if data is not None and hasattr(data, "corpus_fingerprint"):
-            self.store.check(tokenizer=tokenizer_fingerprint(module.tokenizer), block_size=data.hparams.block_size,
+            self.store.check(tokenizer=tokenizer_fingerprint(run.tokenizer), block_size=data.hparams.block_size,
                              corpus=data.corpus_fingerprint(), description=data.corpus_settings())
         else:
             rank_zero_warn(f"labels={self.path!r}: no DistillDataModule to check the store against; the batches "
@@ -80,7 +75,7 @@ class StoredLabels(TeacherSignal):
         device = batch["input_ids"].device
         return {name: torch.stack([row[name] for row in rows]).to(device) for name in rows[0]}
 
-    def distribution(self, module: DistillModule, batch: Batch, split: str = "train") -> SparseTargets:
+    def distribution(self, run: Run, batch: Batch, split: str = "train") -> SparseTargets:
         stored = self.records(batch, split)
         if "topk_ids" in stored:
             return SparseTargets("topk", stored["topk_ids"], stored["topk_logprobs"], self.tail)
@@ -88,13 +83,13 @@ class StoredLabels(TeacherSignal):
             return SparseTargets("sampled", stored["sample_ids"], stored["sample_weights"])
         raise ValueError(f"labels={self.path!r} is a {self.manifest['kind']!r} store: it holds no distribution")
 
-    def picks(self, module: DistillModule, batch: Batch, split: str = "train") -> Tensor:
+    def picks(self, run: Run, batch: Batch, split: str = "train") -> Tensor:
         stored = self.records(batch, split)
         if "argmax" not in stored:
             raise ValueError(f"labels={self.path!r} is a {self.manifest['kind']!r} store: it holds no picks")
         return stored["argmax"]
 
-    def continuations(self, module: DistillModule, batch: Batch, prompt_tokens: int,
+    def continuations(self, run: Run, batch: Batch, prompt_tokens: int,
                       settings: GenerationSettings, split: str = "train") -> Tensor:
         stored = self.records(batch, split)
         if "continuation" not in stored:
@@ -102,7 +97,7 @@ class StoredLabels(TeacherSignal):
                              "continuations")
         return stored["continuation"]
 
-    def validation_metrics(self, module: DistillModule, batch: Batch, student_logits: Tensor, labels: Tensor,
+    def validation_metrics(self, run: Run, batch: Batch, student_logits: Tensor, labels: Tensor,
                            dataloader_idx: int) -> dict[str, Tensor]:
         """Against the stored validation labels (the first validation loader only)."""
         if dataloader_idx != 0 or self.splits.get("validation") is None:

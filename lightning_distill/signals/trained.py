@@ -5,17 +5,13 @@ Anil et al. 2018, "Large scale distributed neural network training through onlin
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-from lightning_distill import metrics
-from lightning_distill.backbone import freeze
+from lightning_distill import checks, metrics
+from lightning_distill.backbone import Run, freeze
 from lightning_distill.signals.base import Batch, TeacherSignal
-
-if TYPE_CHECKING:
-    from lightning_distill.modules.base import DistillModule
 
 
 class TrainedTeacher(TeacherSignal):
@@ -27,14 +23,13 @@ class TrainedTeacher(TeacherSignal):
     """
 
     def __init__(self, stale_every: int = 0) -> None:
-        if isinstance(stale_every, bool) or not isinstance(stale_every, int) or stale_every < 0:
-            raise ValueError(f"stale_every must be an integer >= 0 (0 = live teacher), got {stale_every!r}")
+        checks.integer("stale_every", stale_every, ">= 0 (0 = the live teacher)", lambda v: v >= 0, "0")
         self.stale_every = stale_every
         self.stale: torch.nn.Module | None = None  # not a submodule: never optimized or synced; see state_dict
         self._stale_step = -1
         self._stale_state: dict[str, Tensor] | None = None  # restored from a checkpoint, built on first use
 
-    def distribution(self, module: DistillModule, batch: Batch, split: str = "train",
+    def distribution(self, run: Run, batch: Batch, split: str = "train",
                      live_logits: Tensor | None = None) -> Tensor:
         """Logits (B, T, V) without gradient: ``live_logits`` detached (the teacher's of this step, when the caller
         has them), or the stale copy's."""
@@ -42,14 +37,14 @@ class TrainedTeacher(TeacherSignal):
             if live_logits is not None:
                 return live_logits.detach()
             with torch.no_grad():
-                return module.teacher(input_ids=batch["input_ids"]).logits
-        step = module.global_step
+                return run.teacher(input_ids=batch["input_ids"]).logits
+        step = run.step
         if self.stale is None and self._stale_state is not None:  # the copy a checkpoint holds
-            self.stale = freeze(copy.deepcopy(module.teacher))
+            self.stale = freeze(copy.deepcopy(run.teacher))
             self.stale.load_state_dict(self._stale_state)
             self._stale_state = None
         if self.stale is None or (step % self.stale_every == 0 and self._stale_step != step):
-            self.stale = freeze(copy.deepcopy(module.teacher))
+            self.stale = freeze(copy.deepcopy(run.teacher))
             self._stale_step = step
         with torch.no_grad():
             return self.stale(input_ids=batch["input_ids"]).logits
@@ -63,12 +58,12 @@ class TrainedTeacher(TeacherSignal):
         return {"step": self._stale_step, "weights": {k: v.detach().cpu() for k, v in weights.items()}}
 
     def load_state_dict(self, state: dict[str, object]) -> None:
-        """Restore :meth:`state_dict`'s copy (built from the module's teacher when first needed)."""
+        """Restore :meth:`state_dict`'s copy (built from the run's teacher when first needed)."""
         if state:
             self.stale, self._stale_step, self._stale_state = None, int(state["step"]), dict(state["weights"])
 
-    def validation_metrics(self, module: DistillModule, batch: Batch, student_logits: Tensor, labels: Tensor,
+    def validation_metrics(self, run: Run, batch: Batch, student_logits: Tensor, labels: Tensor,
                            dataloader_idx: int) -> dict[str, Tensor]:
         with torch.no_grad():
-            teacher = module.teacher(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
+            teacher = run.teacher(input_ids=batch["input_ids"]).logits[:, :-1]  # (B, T-1, V)
         return metrics.against_logits(student_logits, teacher, labels)

@@ -7,9 +7,15 @@ predict`` (``configs/label_soft.yaml``) and read by a method's ``labels=PATH``
     manifest.json         teacher, tokenizer and corpus fingerprints, block size, kind and its settings, record
                           layout and dtypes, blocks per split, shards with a SHA-256 each; "complete": true once
                           every shard is written (an unfinished store is resumed, a complete one never rewritten)
-    train-00000.npy       a shard: the records of ``shard_blocks`` consecutive blocks of one split (the last shard
-    ...                   may be shorter), a 1-D NumPy structured array, memory-mapped when read
+    train-00000.npy       a shard: the records of at most ``shard_blocks`` consecutive blocks of one split, a 1-D
+    ...                   NumPy structured array, memory-mapped when read
     validation-00000.npy
+
+Shards begin every ``shard_blocks`` blocks and, for a prepared (streamed) corpus, at every chunk of the corpus too,
+so that a shard's labels belong to one corpus chunk and are written, resumed and read with it (:func:`shard_starts`).
+A split's manifest entry then holds ``starts``, the first block of each of its shards; without it (stores of
+in-memory corpora) shard i holds blocks ``[i * shard_blocks, (i + 1) * shard_blocks)``. Either way a block is found
+by its ``block_idx`` within the split (:func:`locate`).
 
 A record holds one block of T positions; position t is the teacher's prediction of token t + 1, aligned with
 ``input_ids`` like logits. Ids are uint16 when the vocabulary fits (else int32), values are ``value_dtype``
@@ -19,7 +25,7 @@ A record holds one block of T positions; position t is the teacher's prediction 
   at ``temperature`` (of the full distribution, not renormalized), and ``covered`` (T,): the log of the mass the
   K ids hold, taken in float32 before rounding. The reader rescales the rounded log-probs to that mass, so the
   missing tail 1 - exp(covered) that ``tail="bucket"`` matches is exact to the precision of one number
-  (:func:`lightning_distill.sparse.topk_forward_kl`). 2K + 1 values: 130 bytes per token at K = 32 in fp16.
+  (:func:`lightning_distill.losses.topk_forward_kl`). 2K + 1 values: 130 bytes per token at K = 32 in fp16.
 - ``sampled``: ``ids`` (T, S) and ``counts`` (T, S): S draws with replacement from the teacher at
   ``temperature``, duplicates merged, count 0 in empty slots. Weights count / S make the loss an unbiased
   estimate of the forward KL's gradient (Anshumann et al. 2025, "Sparse Logit Sampling: Accelerating Knowledge
@@ -37,6 +43,7 @@ and ``entropy`` (T,); ``argmax`` (T,) long for every per-position kind; ``contin
 
 from __future__ import annotations
 
+import bisect
 import json
 from pathlib import Path
 from typing import Any
@@ -45,12 +52,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from lightning_distill import sparse
+from lightning_distill import checks
+from lightning_distill.losses import sparse
 
 FORMAT = "lightning_distill.labels/1"
 MANIFEST = "manifest.json"
 KINDS = ("topk", "sampled", "top1", "generate")
-SPLITS = ("train", "validation")
 VALUE_DTYPES = {"float16": "<f2", "bfloat16": "<u2", "float32": "<f4"}  # bfloat16: its raw bits
 VALUE_FIELDS = ("logprobs", "covered", "entropy")
 CPU_CHUNK_ROWS = 16  # positions reduced at a time on CPUs (16 x 49152 fp32 = 3 MB)
@@ -59,10 +66,8 @@ CPU_CHUNK_ROWS = 16  # positions reduced at a time on CPUs (16 x 49152 fp32 = 3 
 def record_dtype(kind: str, block_size: int, vocab_size: int, *, k: int = 32, num_samples: int = 12,
                  value_dtype: str = "float16", new_tokens: int = 0) -> np.dtype:
     """The NumPy structured dtype of one block's record (see the module docstring)."""
-    if kind not in KINDS:
-        raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-    if value_dtype not in VALUE_DTYPES:
-        raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
+    checks.choice("kind", kind, KINDS)
+    checks.choice("value_dtype", value_dtype, VALUE_DTYPES)
     ids, value, T = ("<u2" if vocab_size <= 2**16 else "<i4"), VALUE_DTYPES[value_dtype], block_size
     if kind == "topk":
         fields = [("ids", ids, (T, k)), ("logprobs", value, (T, k)), ("covered", value, (T,))]
@@ -181,3 +186,35 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
         raise ValueError(f"labels={str(path)!r} has format {manifest.get('format')!r}, this version reads "
                          f"{FORMAT!r}: label the corpus again")
     return manifest
+
+
+def shard_starts(blocks: int, shard_blocks: int, chunk_starts: list[int] | None = None) -> list[int]:
+    """The first block of every shard of a split of ``blocks`` blocks: shards of at most ``shard_blocks`` blocks
+    that never straddle a chunk start.
+
+    Args:
+        blocks: blocks in the split.
+        shard_blocks: most blocks per shard, >= 1.
+        chunk_starts: the first block of each corpus chunk (:meth:`DistillDataModule.chunk_starts`), or ``None``.
+    """
+    bounds = sorted({0, *(start for start in (chunk_starts or []) if 0 < start < blocks)})
+    starts: list[int] = []
+    for begin, end in zip(bounds, [*bounds[1:], blocks], strict=True):
+        starts += range(begin, end, shard_blocks)
+    return starts
+
+
+def split_starts(entry: dict[str, Any], shard_blocks: int) -> list[int]:
+    """The shard starts of a split's manifest entry: its ``starts``, or every ``shard_blocks`` blocks."""
+    return list(entry["starts"]) if "starts" in entry else list(range(0, entry["blocks"], shard_blocks))
+
+
+def shard_ranges(starts: list[int], blocks: int) -> list[tuple[int, int]]:
+    """``[start, stop)`` of every shard."""
+    return list(zip(starts, [*starts[1:], blocks], strict=True))
+
+
+def locate(starts: list[int], block: int) -> tuple[int, int]:
+    """``(shard, row)`` of a block: the shard holding it and its row there."""
+    shard = bisect.bisect_right(starts, block) - 1
+    return shard, block - starts[shard]

@@ -10,8 +10,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_distill.files import sha256
-from lightning_distill.store.chunks import locate, split_starts
-from lightning_distill.store.format import decode, read_manifest
+from lightning_distill.store.format import decode, locate, read_manifest, split_starts
 
 OPEN_SHARDS = 16  # memory maps kept open per split and process: what a store's reader holds stays flat with its size
 

@@ -12,19 +12,22 @@ import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from transformers import AutoConfig
 
-from lightning_distill.backbone import resolve_model_path, tokenizer_fingerprint
+from lightning_distill import checks
+from lightning_distill.backbone import load_config, tokenizer_fingerprint
+from lightning_distill.data import SPLITS
 from lightning_distill.files import atomic_write, sha256
-from lightning_distill.store.chunks import locate, shard_ranges, shard_starts, split_starts
 from lightning_distill.store.format import (
     FORMAT,
     KINDS,
     MANIFEST,
-    SPLITS,
     VALUE_DTYPES,
     encode,
+    locate,
     record_dtype,
+    shard_ranges,
+    shard_starts,
+    split_starts,
     to_records,
 )
 
@@ -158,7 +161,8 @@ class LabelWriter(L.Callback):
         splits: splits to label, among ``"train"`` and ``"validation"`` (stored validation labels give
             ``val/kl`` and ``val/agreement`` when training from the store).
         shard_blocks: blocks per shard, >= 1: the unit of writing, of resuming and of the work split over ranks
-            (a prepared corpus' shards also end where its chunks do: :mod:`lightning_distill.store.chunks`).
+            (a prepared corpus' shards also end where its chunks do:
+            :func:`~lightning_distill.store.format.shard_starts`).
         seed: seeds the draws of ``sampled`` (per batch: reproducible for the same batch layout).
         overwrite: replace a complete store, or an unfinished one with other settings.
     """
@@ -167,22 +171,17 @@ class LabelWriter(L.Callback):
                  value_dtype: str = "float16", splits: list[str] | None = None, shard_blocks: int = 256,
                  seed: int = 0, overwrite: bool = False) -> None:
         splits = list(SPLITS) if splits is None else list(splits)
-        if not isinstance(path, str) or not path:
-            raise ValueError(f"path must be the folder to write the label store to, got {path!r}")
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        for name, value, low, high in (("k", k, 1, None), ("num_samples", num_samples, 1, 2**16 - 1),
-                                       ("shard_blocks", shard_blocks, 1, None)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < low or (high and value > high):
-                raise ValueError(f"{name} must be an integer in [{low}, {high or 'inf'}], got {value!r}")
-        if not isinstance(temperature, (int, float)) or temperature <= 0:
-            raise ValueError(f"temperature must be > 0, got {temperature!r}")
-        if value_dtype not in VALUE_DTYPES:
-            raise ValueError(f"value_dtype must be one of {sorted(VALUE_DTYPES)}, got {value_dtype!r}")
-        if not splits or not set(splits) <= set(SPLITS) or len(set(splits)) != len(splits):
-            raise ValueError(f"splits must be distinct names among {SPLITS}, got {splits!r}")
+        checks.require(isinstance(path, str) and bool(path), "path", path, "the folder to write the label store to")
+        checks.choice("kind", kind, KINDS)
+        checks.integer("k", k, "in [1, inf]", lambda v: v >= 1, example="32")
+        checks.integer("num_samples", num_samples, f"in [1, {2**16 - 1}]", lambda v: 1 <= v < 2**16, example="12")
+        checks.integer("shard_blocks", shard_blocks, "in [1, inf]", lambda v: v >= 1, example="256")
+        temperature = checks.number("temperature", temperature, "> 0", lambda v: v > 0, example="1.0")
+        checks.choice("value_dtype", value_dtype, VALUE_DTYPES)
+        checks.require(bool(splits) and set(splits) <= set(SPLITS) and len(set(splits)) == len(splits), "splits",
+                       splits, f"distinct names among {SPLITS}")
         self.path, self.kind, self.k, self.num_samples = path, kind, k, num_samples
-        self.temperature, self.value_dtype, self.splits = float(temperature), value_dtype, splits
+        self.temperature, self.value_dtype, self.splits = temperature, value_dtype, splits
         self.shard_blocks, self.seed, self.overwrite = shard_blocks, seed, overwrite
         self.writer: StoreWriter | None = None
         self.already_complete = False  # set up on a store that this labelling already completed
@@ -196,25 +195,27 @@ class LabelWriter(L.Callback):
         if not hasattr(data, "plan_predict"):
             raise ValueError("LabelWriter labels a DistillDataModule's blocks by block_idx: run "
                              "trainer.predict(model, datamodule=DistillDataModule(...))")
-        if not pl_module.needs_teacher():
+        served = getattr(pl_module.signal, "label_records", None) is not None  # a server encodes the records
+        if not pl_module.needs_teacher() and not served:
             raise ValueError("LabelWriter needs a live teacher: the model has labels= set or no teacher")
+        if served and self.kind not in ("topk", "sampled"):
+            raise ValueError(f"kind={self.kind!r}: a served teacher labels 'topk' and 'sampled' stores; label "
+                             f"{self.kind!r} with the teacher itself")
         settings = pl_module.label_settings()
         if (self.kind == "generate") != ("generation" in settings):
             raise ValueError(f"kind={self.kind!r} does not fit {type(pl_module).__name__} here: 'generate' stores "
                              "come from HardDistill(mode='generate'), the other kinds from a model's logits")
         vocab = _teacher_vocab(pl_module)
-        if self.kind == "topk" and self.k > vocab:
-            raise ValueError(f"k must be at most the vocabulary size {vocab}, got {self.k}")
+        checks.require(self.kind != "topk" or self.k <= vocab, "k", self.k, f"at most the vocabulary size {vocab}")
         self.blocks = {"train": len(data.train_blocks), "validation": len(data.val_blocks)}
-        # a prepared corpus: shards also start at every corpus chunk (lightning_distill.store.chunks)
+        # a prepared corpus: shards also start at every corpus chunk (lightning_distill.store.format.shard_starts)
         chunks = {s: data.chunk_starts(s) if hasattr(data, "chunk_starts") else None for s in self.splits}
         self.starts = {s: shard_starts(self.blocks[s], self.shard_blocks, chunks[s]) for s in self.splits}
         self.ranges = {s: shard_ranges(self.starts[s], self.blocks[s]) for s in self.splits}  # [start, stop) each
         self.block_size = data.hparams.block_size
         new_tokens = settings.get("generation", {}).get("max_new_tokens", 0)
-        self.dtype = record_dtype(self.kind, data.hparams.block_size, vocab, k=self.k,
-                                             num_samples=self.num_samples, value_dtype=self.value_dtype,
-                                             new_tokens=new_tokens)
+        self.dtype = record_dtype(self.kind, data.hparams.block_size, vocab, k=self.k, num_samples=self.num_samples,
+                                  value_dtype=self.value_dtype, new_tokens=new_tokens)
         header = {
             "kind": self.kind, **settings, "tokenizer": tokenizer_fingerprint(pl_module.tokenizer),
             "vocab_size": vocab, "corpus": data.corpus_fingerprint(), "corpus_settings": data.corpus_settings(),
@@ -251,16 +252,16 @@ class LabelWriter(L.Callback):
                              batch_idx: int, dataloader_idx: int = 0) -> None:
         """Reduce a batch's teacher signal to records and write every shard it completes."""
         split = self.splits[dataloader_idx]
-        signal = prediction.get("continuations" if self.kind == "generate" else "logits")
-        if signal is None:
-            raise ValueError(f"kind={self.kind!r} needs {'continuations' if self.kind == 'generate' else 'logits'} "
-                             f"from predict_step; {type(pl_module).__name__} gave {sorted(prediction)}")
         first = int(prediction["block_idx"][0])
-        seed = self.seed * 1_000_003 + SPLITS.index(split) * 1_000_000_007 + first
-        generator = torch.Generator(signal.device).manual_seed(seed % 2**63)
-        fields = encode(self.kind, signal, k=self.k, num_samples=self.num_samples,
-                                   temperature=self.temperature, generator=generator)
-        records = to_records(fields, self.dtype, self.value_dtype)  # (B,)
+        seed = (self.seed * 1_000_003 + SPLITS.index(split) * 1_000_000_007 + first) % 2**63
+        if "records" in prediction:  # a served teacher: the server encodes them, as below, in these settings
+            records = prediction["records"](self.kind, k=self.k, num_samples=self.num_samples,
+                                            temperature=self.temperature, value_dtype=self.value_dtype, seed=seed)
+            if records.dtype != self.dtype:
+                raise ValueError(f"the served teacher's records are laid out as {records.dtype}, this store as "
+                                 f"{self.dtype}: the server's teacher is not the one this labelling names")
+        else:
+            records = self._records(prediction, pl_module, seed)  # (B,)
         for row, block in enumerate(prediction["block_idx"].tolist()):
             shard, offset = locate(self.starts[split], block)
             if (split, shard) not in self._buffers:
@@ -272,6 +273,17 @@ class LabelWriter(L.Callback):
             if filled.all():
                 self.writer.write(split, shard, buffer)
                 del self._buffers[split, shard]
+
+    def _records(self, prediction: dict[str, Any], pl_module: L.LightningModule, seed: int) -> np.ndarray:
+        """The (B,) records of a batch's logits (or continuations), reduced where they are."""
+        signal = prediction.get("continuations" if self.kind == "generate" else "logits")
+        if signal is None:
+            raise ValueError(f"kind={self.kind!r} needs {'continuations' if self.kind == 'generate' else 'logits'} "
+                             f"from predict_step; {type(pl_module).__name__} gave {sorted(prediction)}")
+        generator = torch.Generator(signal.device).manual_seed(seed)
+        fields = encode(self.kind, signal, k=self.k, num_samples=self.num_samples, temperature=self.temperature,
+                        generator=generator)
+        return to_records(fields, self.dtype, self.value_dtype)
 
     def on_predict_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Once every rank is done, rank zero writes the complete manifest (or says what is missing)."""
@@ -287,12 +299,14 @@ class LabelWriter(L.Callback):
         rank_zero_info(f"LabelWriter: {self.path} is complete: {self.writer.nbytes() / 2**20:.1f} MiB, "
                        f"{self.writer.nbytes() / tokens:.1f} bytes per token")
 
+
 def _teacher_vocab(pl_module: L.LightningModule) -> int:
-    """The teacher's output size: from its config (read without loading it), else the tokenizer's length."""
+    """The teacher's output size: from its config (read without loading it; a served teacher's local copy), else
+    the tokenizer's length."""
     teacher = getattr(pl_module, "teacher", None)
     if teacher is not None:
         return int(teacher.config.vocab_size)
-    name = getattr(pl_module, "teacher_name", None)
+    name = getattr(pl_module, "local_teacher", None)  # a served teacher's local copy, if any
     if isinstance(name, str):
-        return int(AutoConfig.from_pretrained(resolve_model_path(name)).vocab_size)
+        return int(load_config(name, role="teacher").vocab_size)
     return len(pl_module.tokenizer)

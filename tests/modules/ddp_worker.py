@@ -1,7 +1,8 @@
 """Run by tests/modules/test_ddp.py as `python ddp_worker.py TEACHER_DIR OUT_JSON [SOFTDISTILL_KWARGS_JSON]`: a
 2-process DDP fit of SoftDistill on CPU (gloo). Lightning's DDP launcher re-runs this script once per extra rank.
-The kwargs may replace the student; a feature projection (feature_weight > 0, a narrower student) is reported and
-compared across ranks with the student."""
+The kwargs may replace the student; an option group is given as a JSON object of its fields (``{"features":
+{"weight": 1.0}}`` is ``features=Features(weight=1.0)``). A feature projection (``features``, a narrower student) is
+reported and compared across ranks with the student."""
 
 import json
 import sys
@@ -12,7 +13,10 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest helpers
 from conftest import TINY_STUDENT, tiny_data
 
-from lightning_distill import SoftDistill
+from lightning_distill import Features, OnPolicy, Optimization, Performance, SoftDistill, Validation
+
+GROUPS = {"on_policy": OnPolicy, "features": Features, "optimization": Optimization, "performance": Performance,
+          "validation": Validation}
 
 
 class Inspect(L.Callback):
@@ -39,6 +43,7 @@ def trained_extra(model):
 def main() -> None:
     teacher_dir, out = sys.argv[1], sys.argv[2]
     kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
+    kwargs = {k: GROUPS[k](**v) if k in GROUPS and isinstance(v, dict) else v for k, v in kwargs.items()}
     torch.manual_seed(0)
     model = SoftDistill(teacher=teacher_dir, **{"student": TINY_STUDENT, "ce_weight": 0.5, **kwargs})
     inspect = Inspect()

@@ -5,7 +5,8 @@ launcher re-runs this script once per extra rank.
 
 SPEC keys: ``teacher`` (folder), ``out`` (report JSON), ``dir`` (run folder), ``method`` (soft | hard | co),
 ``strategy`` (fsdp | fsdp2 | ddp | single), ``accelerator`` (cpu | cuda, default cpu), ``devices``, ``precision``
-(default bf16-mixed), ``kwargs`` (the method's arguments), ``max_steps`` (default 3), ``resume`` (a checkpoint).
+(default bf16-mixed), ``kwargs`` (the method's arguments; an option group as a JSON object of its fields, e.g.
+``{"performance": {"chunk_size": 16}}``), ``max_steps`` (default 3), ``resume`` (a checkpoint).
 """
 
 import json
@@ -27,9 +28,23 @@ from torch.distributed.tensor import DTensor
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest helpers
 from conftest import TINY_STUDENT, tiny_data
 
-from lightning_distill import CoDistill, HardDistill, SoftDistill, sharding
+from lightning_distill import (
+    CoDistill,
+    Features,
+    Generation,
+    HardDistill,
+    OnPolicy,
+    Optimization,
+    Performance,
+    Schedule,
+    SoftDistill,
+    Validation,
+    sharding,
+)
 
 METHODS = {"soft": SoftDistill, "hard": HardDistill, "co": CoDistill}
+GROUPS = {"optimization": Optimization, "performance": Performance, "validation": Validation, "on_policy": OnPolicy,
+          "features": Features, "generation": Generation, "schedule": Schedule}
 FSDP1_PREFIX = "_fsdp_wrapped_module."
 
 
@@ -117,7 +132,9 @@ def main() -> None:
     spec = json.loads(sys.argv[1])
     run = Path(spec["dir"])
     torch.manual_seed(0)
-    model = METHODS[spec["method"]](teacher=spec["teacher"], student=TINY_STUDENT, **spec.get("kwargs", {}))
+    kwargs = {k: GROUPS[k](**v) if k in GROUPS and isinstance(v, dict) else v
+              for k, v in spec.get("kwargs", {}).items()}
+    model = METHODS[spec["method"]](teacher=spec["teacher"], student=TINY_STUDENT, **kwargs)
     record = Record()
     trainer = L.Trainer(accelerator=spec.get("accelerator", "cpu"), devices=spec["devices"],
                         strategy=strategy_of(spec), max_steps=spec.get("max_steps", 3),

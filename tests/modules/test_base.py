@@ -11,8 +11,9 @@ from conftest import TINY_STUDENT, tiny_data, tiny_trainer
 from torch.utils.data import DataLoader
 from transformers import AutoModelForCausalLM
 
-from lightning_distill import SoftDistill, optim
+from lightning_distill import Optimization, Performance, SoftDistill
 from lightning_distill.cli import load_checkpoint
+from lightning_distill.modules.base import lr_factor
 
 
 def teacher_state(model):
@@ -59,11 +60,11 @@ def test_export_loads_in_transformers_and_generates(tiny_teacher_dir, tmp_path):
 
 
 def test_lr_schedule_warmup_then_cosine():
-    factors = [optim.lr_factor(s, 100, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
+    factors = [lr_factor(s, 100, warmup_steps=10, min_lr_ratio=0.1) for s in range(100)]
     assert factors[0] < factors[5] < factors[9] < 1.0 + 1e-9
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
-    assert optim.lr_factor(100, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+    assert lr_factor(100, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
 
 
 class _GradCapture(L.Callback):
@@ -114,10 +115,10 @@ def test_gradient_accumulation_normalizes_by_window_tokens(tiny_teacher_dir, tmp
 
 
 def test_bad_arguments_name_themselves(tiny_teacher_dir):
-    with pytest.raises(ValueError, match="learning_rate"):
-        SoftDistill(teacher=tiny_teacher_dir, learning_rate=0)
-    with pytest.raises(ValueError, match="chunk_size"):
-        SoftDistill(teacher=tiny_teacher_dir, chunk_size=-1)
+    with pytest.raises(ValueError, match=r"optimization\.learning_rate"):  # checked where the group is made
+        SoftDistill(teacher=tiny_teacher_dir, optimization=Optimization(learning_rate=0))
+    with pytest.raises(ValueError, match=r"performance\.chunk_size"):
+        SoftDistill(teacher=tiny_teacher_dir, performance=Performance(chunk_size=-1))
     with pytest.raises(ValueError, match="needs a teacher"):
         SoftDistill(teacher=None, student={"from_teacher": {"layers": 2}})
 

@@ -16,7 +16,8 @@ from conftest import TINY_STUDENT, requires_gpu, write_labels
 from lightning.pytorch.strategies import FSDPStrategy
 from transformers import AutoModelForCausalLM
 
-from lightning_distill import CoDistill, HardDistill, SoftDistill, sharding
+from lightning_distill import CoDistill, HardDistill, Performance, SoftDistill, sharding
+from lightning_distill.backbone import final_hidden
 from lightning_distill.cli import load_checkpoint
 
 TEACHER_REST = ("teacher.model.embed_tokens", "teacher.model.norm", "teacher.model.rotary_emb", "teacher.lm_head")
@@ -26,6 +27,11 @@ def built(cls, teacher_dir, **kwargs):
     model = cls(teacher=teacher_dir, student=TINY_STUDENT, **kwargs)
     model.configure_model()
     return model
+
+
+def plan_of(model):
+    """The sharding plan of a built method, with its own settings."""
+    return sharding.plan(model, model.trains_teacher, model.hparams.performance.teacher_sharding)
 
 
 def check_partition(model, layout):
@@ -41,8 +47,8 @@ def check_partition(model, layout):
 
 # --------------------------------------------------------------------------------------------------- the plan
 def test_plan_keeps_a_frozen_teacher_in_its_own_units_and_dtype(tiny_teacher_dir):
-    model = built(SoftDistill, tiny_teacher_dir, teacher_dtype="bfloat16")
-    layout = sharding.plan(model)
+    model = built(SoftDistill, tiny_teacher_dir, performance=Performance(teacher_dtype="bfloat16"))
+    layout = plan_of(model)
     check_partition(model, layout)
     layers = [f"student.model.layers.{i}" for i in range(2)] + [f"teacher.model.layers.{i}" for i in range(4)]
     assert [u.name for u in layout.units] == [*layers, "student"]
@@ -55,15 +61,15 @@ def test_plan_keeps_a_frozen_teacher_in_its_own_units_and_dtype(tiny_teacher_dir
 
 
 def test_plan_replicates_a_small_teacher_whole(tiny_teacher_dir):
-    model = built(SoftDistill, tiny_teacher_dir, teacher_sharding="replicate")
-    layout = sharding.plan(model)
+    model = built(SoftDistill, tiny_teacher_dir, performance=Performance(teacher_sharding="replicate"))
+    layout = plan_of(model)
     check_partition(model, layout)
     assert layout.replicated == ("teacher",) and all(u.model == "student" for u in layout.units)
 
 
 def test_plan_shards_a_trained_teacher_like_the_student(tiny_teacher_dir):
     model = built(CoDistill, tiny_teacher_dir)
-    layout = sharding.plan(model)
+    layout = plan_of(model)
     check_partition(model, layout)
     assert layout.replicated == ()
     teacher = {u.name: u for u in layout.units if u.model == "teacher"}
@@ -74,36 +80,53 @@ def test_plan_shards_a_trained_teacher_like_the_student(tiny_teacher_dir):
 def test_plan_without_a_kept_teacher(tiny_teacher_dir, tmp_path):
     store = write_labels(SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / "store", k=4)
     model = built(SoftDistill, tiny_teacher_dir, labels=store)
-    layout = sharding.plan(model)
+    layout = plan_of(model)
     check_partition(model, layout)
     assert model.teacher is None and {u.model for u in layout.units} == {"student"}
 
 
+def cpu_fsdp1() -> FSDPStrategy:
+    """Lightning's FSDPStrategy on one CPU device, enough to prepare a module outside a Trainer."""
+    strategy = FSDPStrategy()
+    strategy.parallel_devices = [torch.device("cpu")]
+    return strategy
+
+
+def prepare_fsdp1(model, world_size: int) -> FSDPStrategy:
+    """What ``configure_model`` does under FSDP1 on ``world_size`` ranks: the method's sharding problem, if any,
+    raised by :func:`sharding.prepare`, else the plan handed to the strategy."""
+    strategy = cpu_fsdp1()
+    sharding.prepare(model, strategy, model.trains_teacher, model.hparams.performance.teacher_sharding,
+                     model.sharding_problem(world_size))
+    return strategy
+
+
 def test_settings_that_do_not_shard_are_refused(tiny_teacher_dir):
     with pytest.raises(ValueError, match="stale_every=2"):
-        sharding.check_supported(built(CoDistill, tiny_teacher_dir, stale_every=2), world_size=1)
+        prepare_fsdp1(built(CoDistill, tiny_teacher_dir, stale_every=2), world_size=1)
     hard = built(HardDistill, tiny_teacher_dir, mode="generate")
-    sharding.check_supported(hard, world_size=1)
+    assert hard.sharding_problem(world_size=1) is None
     with pytest.raises(ValueError, match="teacher_sharding='replicate'"):
-        sharding.check_supported(hard, world_size=2)
-    hard.teacher_sharding = "replicate"
-    sharding.check_supported(hard, world_size=2)
-    with pytest.raises(ValueError, match="teacher_sharding must be one of"):
-        SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, teacher_sharding="split")
+        prepare_fsdp1(hard, world_size=2)
+    replicated = built(HardDistill, tiny_teacher_dir, mode="generate",
+                       performance=Performance(teacher_sharding="replicate"))
+    assert replicated.sharding_problem(world_size=2) is None
+    prepare_fsdp1(replicated, world_size=2)
+    with pytest.raises(ValueError, match=r"performance\.teacher_sharding must be one of"):  # checked in its group
+        Performance(teacher_sharding="split")
     model = built(SoftDistill, tiny_teacher_dir)
     model.student.model.layers[0].mlp.to(torch.bfloat16)
     with pytest.raises(ValueError, match=r"student.model.layers.0 mixes parameter dtypes"):
-        sharding.plan(model)
+        plan_of(model)
 
 
 def test_fsdp1_policy_and_ignored_modules_follow_the_plan(tiny_teacher_dir):
-    model = built(SoftDistill, tiny_teacher_dir, teacher_dtype="bfloat16")
-    strategy = FSDPStrategy()
-    strategy.parallel_devices = [torch.device("cpu")]
-    sharding._prepare_fsdp1(model, strategy)
+    model = built(SoftDistill, tiny_teacher_dir, performance=Performance(teacher_dtype="bfloat16"))
+    strategy = cpu_fsdp1()
+    sharding._prepare_fsdp1(model, strategy, model.trains_teacher, model.hparams.performance.teacher_sharding, None)
     targets = strategy.kwargs["auto_wrap_policy"]._run_policy(model, set(), {"mixed_precision": "root's"})
     by_name = {name: targets[m] for name, m in model.named_modules() if m in targets}
-    assert sorted(by_name) == sorted(u.name for u in sharding.plan(model).units if u.name != "student")
+    assert sorted(by_name) == sorted(u.name for u in plan_of(model).units if u.name != "student")
     for name, kwargs in by_name.items():
         if name.startswith("teacher."):
             assert kwargs["mixed_precision"] is None  # computed in its own dtype, never cast
@@ -117,7 +140,7 @@ def test_final_hidden_without_fsdp_is_the_decoder_output(tiny_teacher_dir):
     model = built(SoftDistill, tiny_teacher_dir)
     ids = torch.randint(0, 300, (2, 8))
     expected = model.student.get_decoder()(input_ids=ids).last_hidden_state
-    torch.testing.assert_close(sharding.final_hidden(model.student, ids), expected)
+    torch.testing.assert_close(final_hidden(model.student, ids), expected)
 
 
 # ---------------------------------------------------------------------------------------- real runs (workers)
@@ -159,7 +182,7 @@ def soft_runs(tiny_teacher_dir, tmp_path_factory):
     """SoftDistill with a bf16 teacher and the chunked loss from its hidden states, under DDP, FSDP1 and FSDP2."""
     tmp = tmp_path_factory.mktemp("soft_fsdp")
     spec = {"teacher": tiny_teacher_dir, "method": "soft",
-            "kwargs": {"teacher_dtype": "bfloat16", "chunk_size": 16, "ce_weight": 0.5}}
+            "kwargs": {"performance": {"teacher_dtype": "bfloat16", "chunk_size": 16}, "ce_weight": 0.5}}
     return {strategy: run_worker(tmp, strategy, strategy=strategy, **spec) for strategy in ("ddp", "fsdp", "fsdp2")}
 
 
@@ -185,22 +208,23 @@ def test_soft_under_fsdp1_and_fsdp2_matches_ddp(soft_runs):
 
 
 def test_fsdp1_resumes_from_a_checkpoint_without_the_teacher(soft_runs, tiny_teacher_dir, tmp_path):
-    report = run_worker(tmp_path, "resume", strategy="fsdp", teacher=tiny_teacher_dir, method="soft", max_steps=4,
-                        resume=soft_runs["fsdp"]["checkpoint"],
-                        kwargs={"teacher_dtype": "bfloat16", "chunk_size": 16, "ce_weight": 0.5})
+    report = run_worker(tmp_path, "resume", strategy="fsdp", teacher=tiny_teacher_dir, method="soft",
+                        max_steps=4, resume=soft_runs["fsdp"]["checkpoint"],
+                        kwargs={"performance": {"teacher_dtype": "bfloat16", "chunk_size": 16}, "ce_weight": 0.5})
     assert report["global_step"] == 4 and len(report["losses"]) == 1
 
 
 def test_codistill_under_fsdp1_trains_and_checkpoints_its_teacher(tiny_teacher_dir, tmp_path):
     report = run_worker(tmp_path, "co", strategy="fsdp", teacher=tiny_teacher_dir, method="co",
-                        kwargs={"kd_weight": 0.5, "schedule": "constant"})
+                        kwargs={"kd_weight": 0.5, "schedule": {"kind": "constant"}})
     check_run(report, frozen_teacher=False)
     assert any(u["requires_grad"] and u["params"][0].startswith("teacher.") for u in report["layout"]["units"])
 
 
 def test_harddistill_under_fsdp2_with_a_replicated_teacher(tiny_teacher_dir, tmp_path):
     report = run_worker(tmp_path, "hard", strategy="fsdp2", teacher=tiny_teacher_dir, method="hard",
-                        kwargs={"teacher_dtype": "bfloat16", "teacher_sharding": "replicate", "chunk_size": 8})
+                        kwargs={"performance": {"teacher_dtype": "bfloat16", "teacher_sharding": "replicate",
+                                                "chunk_size": 8}})
     check_run(report, frozen_teacher=True)
     params = report["layout"]["params"]
     assert not any(p["dtensor"] for n, p in params.items() if n.startswith("teacher."))
@@ -208,9 +232,9 @@ def test_harddistill_under_fsdp2_with_a_replicated_teacher(tiny_teacher_dir, tmp
 
 # ------------------------------------------------------------------------------------------------------ GPU
 GPU_METHODS = {
-    "soft": {"teacher_dtype": "auto", "chunk_size": 64, "ce_weight": 0.5},
-    "hard": {"teacher_dtype": "auto"},
-    "co": {"kd_weight": 0.5, "schedule": "constant"},
+    "soft": {"performance": {"teacher_dtype": "auto", "chunk_size": 64}, "ce_weight": 0.5},
+    "hard": {"performance": {"teacher_dtype": "auto"}},
+    "co": {"kd_weight": 0.5, "schedule": {"kind": "constant"}},
 }
 
 

@@ -20,7 +20,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_distill import checks
 from lightning_distill.backbone import DEFAULT_TEACHER
-from lightning_distill.losses import divergence_from
+from lightning_distill.losses import Divergence, get_divergence
 from lightning_distill.modules import DistillModule
 
 
@@ -33,24 +33,23 @@ class AnnealedDistill(DistillModule):
         loss: any divergence name or object.
         start_temperature: the temperature of the first step, >= 1.
         anneal_steps: steps to reach temperature 1, >= 1.
-        **kwargs: :class:`DistillModule` arguments.
+        **kwargs: :class:`DistillModule` arguments (``optimization``, ``performance``, ...).
     """
 
     def __init__(self, teacher: str | None = DEFAULT_TEACHER, student: str | dict[str, Any] | None = None,
-                 loss: str = "forward_kl", start_temperature: float = 4.0, anneal_steps: int = 100,
+                 loss: str | Divergence = "forward_kl", start_temperature: float = 4.0, anneal_steps: int = 100,
                  **kwargs: Any) -> None:
         checks.number("start_temperature", start_temperature, ">= 1", lambda v: v >= 1, "4.0")
         checks.integer("anneal_steps", anneal_steps, ">= 1", lambda v: v >= 1, "100")
-        super().__init__(teacher=teacher, student=student, **kwargs)
-        self.save_hyperparameters()
-        self.divergence = divergence_from(loss)
+        super().__init__(teacher=teacher, student=student, **kwargs)  # saves every argument as self.hparams
+        self.divergence = get_divergence(loss)
 
     def temperature(self) -> float:
         done = min(self.global_step / self.hparams.anneal_steps, 1.0)
         return self.hparams.start_temperature + (1.0 - self.hparams.start_temperature) * done
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
-        teacher = self.signal.distribution(self, batch)  # live, stored or trained: the method does not care
+        teacher = self.signal.distribution(self.run, batch)  # live, stored or trained: the method does not care
         parts = self.student_loss(batch["input_ids"], batch["labels"], teacher, divergence=self.divergence,
                                   ce_weight=0.0, temperature=self.temperature())
         self.log_train(parts, batch["input_ids"].shape[0])

@@ -6,9 +6,10 @@ import pytest
 import torch
 from conftest import TINY_STUDENT, small_data, tiny_data, tiny_trainer, write_labels
 
-from lightning_distill import SoftDistill, chunked, losses, sparse
+from lightning_distill import Optimization, Performance, SoftDistill, losses
+from lightning_distill.losses import GeneralizedJSD, SkewKL, SparseTargets, TeacherHidden
 from lightning_distill.modules import building
-from lightning_distill.signals import TeacherHidden
+from lightning_distill.signals import LiveTeacher
 
 
 @pytest.mark.parametrize("loss", sorted(losses.DIVERGENCES))
@@ -28,7 +29,8 @@ def test_training_reduces_kl_to_teacher(tiny_teacher_dir, tmp_path):
     torch.manual_seed(0)
     student = {"config": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
                           "num_attention_heads": 4, "num_key_value_heads": 2}}
-    model = SoftDistill(teacher=tiny_teacher_dir, student=student, ce_weight=0.0, learning_rate=1e-2, warmup_steps=0)
+    model = SoftDistill(teacher=tiny_teacher_dir, student=student, ce_weight=0.0,
+                        optimization=Optimization(learning_rate=1e-2, warmup_steps=0))
     data = tiny_data()
     trainer = tiny_trainer(tmp_path, max_steps=40)
     trainer.validate(model, data, verbose=False)
@@ -43,9 +45,10 @@ def test_chunked_loss_matches_unchunked(tiny_teacher_dir):
     ids = torch.randint(0, 300, (2, 24))
     results = []
     for chunk_size in (0, 7):
-        model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, chunk_size=chunk_size, ce_weight=0.3)
+        model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=0.3,
+                            performance=Performance(chunk_size=chunk_size))
         model.configure_model()
-        parts = model.student_loss(ids, ids, model.signal.distribution(model, {"input_ids": ids}), ce_weight=0.3)
+        parts = model.student_loss(ids, ids, model.signal.distribution(model.run, {"input_ids": ids}), ce_weight=0.3)
         parts["loss"].backward()
         results.append((parts, model.student.model.embed_tokens.weight.grad.clone()))
     for key in ("loss", "kd", "ce"):
@@ -54,15 +57,17 @@ def test_chunked_loss_matches_unchunked(tiny_teacher_dir):
 
 
 def test_default_chunking_never_makes_the_live_teachers_logits(tiny_teacher_dir, monkeypatch):
-    """chunk_size=None: a live teacher's hidden states go through the fused chunks (its (B, T, V) logits are never
-    made), equal to the unchunked loss; CE-only, stored and given logits take one pass on CPU, chunks on CUDA."""
+    """performance.chunk_size=None: a live teacher's hidden states go through the fused chunks (its (B, T, V) logits
+    are never made), equal to the unchunked loss; CE-only, stored and given logits take one pass on CPU, chunks on
+    CUDA."""
     torch.manual_seed(0)
     ids = torch.randint(0, 300, (2, 24))
     model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=0.3)
     model.configure_model()
-    teacher = model.signal.distribution(model, {"input_ids": ids})
+    teacher = model.signal.distribution(model.run, {"input_ids": ids})
     assert isinstance(teacher, TeacherHidden)
-    explicit = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, chunk_size=0, ce_weight=0.3)
+    explicit = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, ce_weight=0.3,
+                           performance=Performance(chunk_size=0))
     explicit.student, explicit.teacher = model.student, model.teacher
     expected = explicit.student_loss(ids, ids, teacher, ce_weight=0.3)
     monkeypatch.setattr(TeacherHidden, "logits", lambda self: pytest.fail("the teacher's full logits were made"))
@@ -70,9 +75,9 @@ def test_default_chunking_never_makes_the_live_teachers_logits(tiny_teacher_dir,
     for key in ("loss", "kd", "ce"):
         torch.testing.assert_close(parts[key], expected[key])
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
-    assert model.loss_chunk_size(teacher, cpu) == chunked.DEFAULT_CHUNK_SIZE
+    assert model.loss_chunk_size(teacher, cpu) == losses.DEFAULT_CHUNK_SIZE
     assert model.loss_chunk_size(None, cpu) == model.loss_chunk_size(torch.zeros(1), cpu) == 0
-    assert model.loss_chunk_size(None, cuda) == chunked.DEFAULT_CHUNK_SIZE
+    assert model.loss_chunk_size(None, cuda) == losses.DEFAULT_CHUNK_SIZE
     assert explicit.loss_chunk_size(teacher, cuda) == 0
 
 
@@ -86,12 +91,16 @@ def test_ce_only_ignores_the_teacher(tiny_teacher_dir):
     torch.testing.assert_close(parts["ce"], hf_loss)
 
 
-@pytest.mark.parametrize(("kwargs", "name"), [({"loss": "kl"}, "loss"), ({"beta": 2}, "beta"),
-                                              ({"temperature": 0}, "temperature"), ({"ce_weight": -1}, "ce_weight"),
-                                              ({"alpha": 1.5}, "alpha")])
+# A divergence's parameter is checked where the divergence is made (``GeneralizedJSD(beta=2)``), so those cases
+# build their arguments inside ``pytest.raises``.
+@pytest.mark.parametrize(("kwargs", "name"), [(lambda: {"loss": "kl"}, "loss"),
+                                              (lambda: {"loss": GeneralizedJSD(beta=2)}, "beta"),
+                                              (lambda: {"temperature": 0}, "temperature"),
+                                              (lambda: {"ce_weight": -1}, "ce_weight"),
+                                              (lambda: {"loss": SkewKL(alpha=1.5)}, "alpha")])
 def test_bad_arguments(tiny_teacher_dir, kwargs, name):
     with pytest.raises(ValueError, match=name):
-        SoftDistill(teacher=tiny_teacher_dir, **kwargs)
+        SoftDistill(teacher=tiny_teacher_dir, **kwargs())
 
 
 # ----------------------------------------------------------------------------------------------- stored labels
@@ -147,19 +156,21 @@ def stored_batch(model: SoftDistill) -> dict:
 @pytest.mark.parametrize("loss", ["forward_kl", "generalized_jsd", "reverse_kl"])
 def test_stored_top_k_with_k_equal_v_gives_the_online_loss(tiny_teacher_dir, stores, loss, chunk_size):
     torch.manual_seed(0)
+    performance = Performance(chunk_size=chunk_size)
     online = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, loss=loss, ce_weight=0.3,
-                         chunk_size=chunk_size)
+                         performance=performance)
     online.configure_model()
     stored = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, loss=loss, ce_weight=0.3,
-                         chunk_size=chunk_size, labels=stores["full"])
+                         performance=performance, labels=stores["full"])
     stored.configure_model()
     stored.student.load_state_dict(online.student.state_dict())
     batch = stored_batch(stored)
     ids = batch["input_ids"]
-    targets = stored.signal.distribution(stored, batch)
-    assert isinstance(targets, sparse.SparseTargets) and targets.tail == "bucket"
+    targets = stored.signal.distribution(stored.run, batch)
+    assert isinstance(targets, SparseTargets) and targets.tail == "bucket"
     got = stored.student_loss(ids, ids, targets, divergence=loss, ce_weight=0.3)
-    want = online.student_loss(ids, ids, online.teacher_logits(ids), divergence=loss, ce_weight=0.3)
+    want = online.student_loss(ids, ids, LiveTeacher.logits(online.run, {"input_ids": ids}), divergence=loss,
+                               ce_weight=0.3)
     for key in ("loss", "kd", "ce"):
         torch.testing.assert_close(got[key], want[key], atol=1e-5, rtol=1e-5)
     # and the real training step reads the same targets by the batch's block_idx

@@ -41,11 +41,11 @@ def test_records_are_joined_by_block_idx(tiny_teacher_dir, store):
         assert records["topk_ids"].shape == (4, 32, 4) and records["topk_logprobs"].dtype == torch.float32
         for row, block in enumerate(batch["block_idx"].tolist()):
             assert torch.equal(records["topk_ids"][row], stored.split(split)[block]["topk_ids"])
-        targets = model.signal.distribution(model, batch, split)
+        targets = model.signal.distribution(model.run, batch, split)
         assert torch.equal(targets.ids, records["topk_ids"]) and targets.kind == "topk"
-        assert torch.equal(model.signal.picks(model, batch, split), records["argmax"])
+        assert torch.equal(model.signal.picks(model.run, batch, split), records["argmax"])
     with pytest.raises(ValueError, match="holds no continuations"):
-        model.signal.continuations(model, batch, 8, None)
+        model.signal.continuations(model.run, batch, 8, None)
 
 
 def fit(model, data, tmp_path):

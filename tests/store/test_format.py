@@ -1,6 +1,7 @@
 """The label store (lightning_distill.store): record layouts and their sizes, encoding the teacher's signal and
-reading it back, the sparse losses on what a store holds (k = V equals the dense losses), the writer (atomic shards,
-resume, no silent rewrite) and the reader's refusals. LabelWriter under trainer.predict is in test_writer.py."""
+reading it back, the sparse losses on what a store holds (k = V equals the dense losses), where shards begin, the
+writer (atomic shards, resume, no silent rewrite) and the reader's refusals. LabelWriter under trainer.predict is in
+test_writer.py."""
 
 from __future__ import annotations
 
@@ -10,9 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from lightning_distill import losses, sparse
+from lightning_distill import losses
 from lightning_distill import metrics as val_metrics
+from lightning_distill.losses import divergences, sparse
 from lightning_distill.store import LabelStore, StoreWriter, decode, encode, record_dtype, to_records
+from lightning_distill.store.format import locate, shard_ranges, shard_starts, split_starts
 
 V = 50
 
@@ -112,7 +115,7 @@ def test_stored_draws_give_the_dense_forward_kl_gradient_on_average():
     targets = targets_of(stored)
     sampled = sparse.sampled_kl(student.expand(draws, 3, V), targets.ids, targets.values, temperature=2.0)
     (sampled_grad,) = torch.autograd.grad(sampled, student)
-    (dense_grad,) = torch.autograd.grad(losses.forward_kl(student, teacher, temperature=2.0), student)
+    (dense_grad,) = torch.autograd.grad(losses.ForwardKL()(student, teacher, temperature=2.0), student)
     torch.testing.assert_close(sampled_grad, dense_grad, atol=0.01, rtol=0)
 
 
@@ -143,7 +146,7 @@ def test_bucketed_topk_is_at_most_the_dense_divergence(divergence):
     teacher, student = logits(seed=2), logits(seed=3)
     ids, logprobs = sparse.topk_teacher(teacher, 6)
     stored = sparse.sparse_per_token("topk", student, ids, logprobs, tail="bucket", divergence=divergence)
-    dense = losses.divergence_per_token(divergence, student, teacher)
+    dense = divergences.divergence_per_token(losses.get_divergence(divergence), student, teacher)
     assert torch.isfinite(stored).all() and (stored <= dense + 1e-5).all() and (stored >= -1e-6).all()
 
 
@@ -176,12 +179,12 @@ def test_bucket_tail_of_a_confident_student_is_exact(divergence):
 def test_sparse_targets_reject_ill_defined_divergences():
     teacher, student = logits(seed=0), logits(seed=1)
     ids, logprobs = sparse.topk_teacher(teacher, 6)
-    with pytest.raises(ValueError, match=r"`divergence`.*tail='renorm'"):
+    with pytest.raises(ValueError, match=r"^divergence must be .*tail='renorm'"):
         sparse.sparse_per_token("topk", student, ids, logprobs, tail="renorm", divergence="reverse_kl")
     ids, weights = sparse.sample_teacher(teacher, 6)
-    with pytest.raises(ValueError, match=r"`divergence`.*sampled"):
+    with pytest.raises(ValueError, match=r"^divergence must be .*sampled"):
         sparse.sparse_per_token("sampled", student, ids, weights, divergence="tvd")
-    with pytest.raises(ValueError, match="`kind`"):
+    with pytest.raises(ValueError, match=r"^kind must be "):
         sparse.SparseTargets("dense", ids, weights)
 
 
@@ -190,7 +193,7 @@ def test_stored_metrics_match_the_live_ones_at_k_equal_v():
     labels_ = torch.randint(0, V, (2, 5))
     stored = stacked(roundtrip("topk", teacher, "float32", k=V))
     metrics = val_metrics.against_stored(student, stored, labels_, temperature=1.0)
-    torch.testing.assert_close(metrics["kl"], losses.forward_kl(student, teacher, labels_), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(metrics["kl"], losses.ForwardKL()(student, teacher, labels_), atol=1e-5, rtol=1e-5)
     assert metrics["agreement"] == (student.argmax(-1) == teacher.argmax(-1)).float().mean()
     assert "kl" not in val_metrics.against_stored(student, stored, labels_, temperature=2.0)  # not comparable at T != 1
 
@@ -201,7 +204,17 @@ def test_sampled_kl_metric_is_an_unbiased_estimate():
     stored = stacked(roundtrip("sampled", many, num_samples=12, generator=torch.Generator().manual_seed(2)))
     labels_ = torch.zeros(2000, 1, dtype=torch.long)
     metrics = val_metrics.against_stored(student.expand(2000, 1, V), stored, labels_, temperature=1.0)
-    assert metrics["kl"].item() == pytest.approx(losses.forward_kl(student, teacher).item(), abs=0.1)
+    assert metrics["kl"].item() == pytest.approx(losses.ForwardKL()(student, teacher).item(), abs=0.1)
+
+
+# ---------------------------------------------------------------------------------------------- shards
+def test_shards_start_every_shard_blocks_and_at_every_chunk():
+    assert shard_starts(10, 4) == [0, 4, 8] == split_starts({"blocks": 10}, 4)
+    assert shard_starts(10, 4, [0, 3, 3, 7]) == [0, 3, 7]  # an empty chunk adds no shard
+    assert shard_starts(10, 2, [0, 5]) == [0, 2, 4, 5, 7, 9]
+    assert shard_ranges([0, 3, 7], 10) == [(0, 3), (3, 7), (7, 10)]
+    assert split_starts({"blocks": 10, "starts": [0, 3, 7]}, 4) == [0, 3, 7]
+    assert [locate([0, 3, 7], b) for b in (0, 2, 3, 9)] == [(0, 0), (0, 2), (1, 0), (2, 2)]
 
 
 # ---------------------------------------------------------------------------------------------- the writer

@@ -1,5 +1,7 @@
 """LabelWriter under trainer.predict: both splits with a full manifest, resume without rewriting, every kind,
-argument checks, two DDP ranks writing disjoint shares, the tiny CLI configs, and the embedded teacher end to end."""
+argument checks, two DDP ranks writing disjoint shares, a prepared (streamed) corpus (shards aligned with its chunks,
+a resumed labelling, a student trained from the store, two DDP ranks), the tiny CLI configs, and the embedded teacher
+end to end."""
 
 from __future__ import annotations
 
@@ -11,13 +13,28 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, requires_builtin, small_data, tiny_trainer, write_labels
+from conftest import (
+    TINY_STUDENT,
+    prepared_corpus,
+    requires_builtin,
+    requires_litdata,
+    small_data,
+    tiny_trainer,
+    write_labels,
+)
 
-from lightning_distill import DistillDataModule, HardDistill, SoftDistill, generation, sparse
+from lightning_distill import DistillDataModule, Generation, HardDistill, SoftDistill, generation
 from lightning_distill.backbone import tokenizer_fingerprint
+from lightning_distill.losses import topk_teacher
+from lightning_distill.signals import LiveTeacher
 from lightning_distill.store import LabelStore, LabelWriter
 
 REPO = Path(__file__).resolve().parents[2]
+
+
+def teacher_logits(model: SoftDistill, input_ids: torch.Tensor) -> torch.Tensor:
+    """The model's live teacher's logits (B, T, V), as the label writer receives them."""
+    return LiveTeacher.logits(model.run, {"input_ids": input_ids})
 
 
 def manifest(path):
@@ -47,7 +64,7 @@ def test_label_writer_stores_both_splits_with_a_full_manifest(soft_teacher, tmp_
     store = LabelStore(path)
     for split, blocks in (("train", data.train_blocks), ("validation", data.val_blocks)):
         index = len(blocks) - 1
-        ids, logprobs = sparse.topk_teacher(soft_teacher.teacher_logits(blocks[index : index + 1])[0], 8)
+        ids, logprobs = topk_teacher(teacher_logits(soft_teacher, blocks[index : index + 1])[0], 8)
         stored = store.split(split)[index]
         assert torch.equal(stored["topk_ids"], ids)
         torch.testing.assert_close(stored["topk_logprobs"], logprobs, atol=1e-5, rtol=1e-5)
@@ -86,15 +103,15 @@ def test_label_writer_sampled_and_generate_kinds(tiny_teacher_dir, soft_teacher,
     assert block["sample_ids"].shape == (32, 5) and torch.allclose(block["sample_weights"].sum(-1), torch.ones(32))
     assert manifest(path)["temperature"] == 2.0 and "train" not in manifest(path)["splits"]
 
-    hard = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="generate", prompt_tokens=8,
-                       max_new_tokens=4)
+    hard = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, mode="generate",
+                       generation=Generation(prompt_tokens=8, max_new_tokens=4))
     path = tmp_path / "generate"
     write_labels(hard, path, kind="generate", splits=["validation"])
     assert manifest(path)["generation"]["prompt_tokens"] == 8
     data = small_data()
     data.set_tokenizer(hard.tokenizer)
     data.setup()
-    expected = generation.generate(hard.teacher, data.val_blocks[:2, :8], hard.generation,
+    expected = generation.generate(hard.teacher, data.val_blocks[:2, :8], hard.sequences.settings,
                                    hard.tokenizer.eos_token_id)
     assert torch.equal(torch.stack([LabelStore(path).split("validation")[i]["continuation"] for i in range(2)]),
                        expected)
@@ -153,6 +170,94 @@ def test_two_ranks_label_disjoint_shares(tiny_teacher_dir, tmp_path):
     assert sorted(shares[0] + shares[1]) == sorted([*range(66), *range(10)])
     assert manifest(store)["complete"]
     LabelStore(store)  # every checksum verifies
+
+
+# --- a prepared (streamed) corpus: shards end where its chunks do ----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def prepared(tiny_teacher_dir, tmp_path_factory):
+    pytest.importorskip("litdata")
+    return prepared_corpus(tmp_path_factory.mktemp("labelled"), tiny_teacher_dir)
+
+
+def streamed_data(corpus: str) -> DistillDataModule:
+    return DistillDataModule(corpus=corpus, block_size=16, batch_size=16)
+
+
+@requires_litdata
+def test_label_a_streamed_corpus_in_shards_aligned_with_its_chunks(soft_teacher, prepared, tmp_path):
+    path = tmp_path / "store"
+    write_labels(soft_teacher, path, data=streamed_data(prepared), kind="topk", k=4, shard_blocks=20,
+                 trainer_kwargs={"limit_predict_batches": 3})
+    assert not manifest(path)["complete"]  # interrupted: the shards it finished are kept, the others redone
+    kept = {f.name: f.read_bytes() for f in path.glob("*.npy")}
+    assert kept
+    write_labels(soft_teacher, path, data=streamed_data(prepared), kind="topk", k=4, shard_blocks=20)
+    found = manifest(path)
+    assert found["complete"] and all((path / name).read_bytes() == data for name, data in kept.items())
+    data = streamed_data(prepared)
+    data.set_tokenizer(soft_teacher.tokenizer)
+    data.setup()
+    store = LabelStore(path)
+    for split, blocks in (("train", data.train_blocks), ("validation", data.val_blocks)):
+        entry = found["splits"][split]
+        assert entry["blocks"] == len(blocks)
+        assert {s for s in data.chunk_starts(split) if s < len(blocks)} <= set(entry["starts"])
+        assert all(0 < shard["blocks"] <= 20 for shard in entry["shards"])
+        for index in (0, len(blocks) // 2, len(blocks) - 1):
+            ids = teacher_logits(soft_teacher, blocks[index][None])[0].topk(4).indices  # (T, 4)
+            assert torch.equal(store.split(split)[index]["topk_ids"], ids)
+
+    student = SoftDistill(teacher=soft_teacher.teacher_name, student=TINY_STUDENT, labels=str(path))
+    trainer = tiny_trainer(tmp_path, max_steps=2, val_check_interval=2)
+    trainer.fit(student, streamed_data(prepared))  # stored labels joined with the streamed batches by block_idx
+    assert torch.isfinite(trainer.callback_metrics["train/kd"]) and "val/agreement" in trainer.callback_metrics
+
+
+DDP_LABELLING_STREAMED = '''
+import json, sys
+import lightning as L
+from lightning_distill import DistillDataModule, SoftDistill
+from lightning_distill.store import LabelWriter
+
+teacher, corpus, store, report = sys.argv[1:5]
+model = SoftDistill(teacher=teacher, student={"from_teacher": {"layers": 2}})
+seen = []
+class Count(L.Callback):
+    def on_predict_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        seen.extend([dataloader_idx, b] for b in batch["block_idx"].tolist())
+trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", logger=False, enable_progress_bar=False,
+                    enable_model_summary=False, callbacks=[LabelWriter(store, kind="top1", shard_blocks=20), Count()])
+trainer.predict(model, datamodule=DistillDataModule(corpus=corpus, block_size=16, batch_size=16))
+with open(f"{report}.{trainer.global_rank}", "w") as f:
+    json.dump(seen, f)
+'''
+
+
+@requires_litdata
+def test_two_ranks_label_disjoint_shares_whose_union_is_the_one_rank_store(soft_teacher, prepared, tiny_teacher_dir,
+                                                                          tmp_path):
+    script = tmp_path / "label_ddp.py"
+    script.write_text(DDP_LABELLING_STREAMED)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    two, report = tmp_path / "two", tmp_path / "blocks"
+    done = subprocess.run([sys.executable, str(script), tiny_teacher_dir, prepared, str(two), str(report)], env=env,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    one = Path(write_labels(soft_teacher, tmp_path / "one", data=streamed_data(prepared), kind="top1",
+                            shard_blocks=20))
+    shares = [{tuple(x) for x in json.loads(Path(f"{report}.{rank}").read_text())} for rank in (0, 1)]
+    blocks = {split: entry["blocks"] for split, entry in manifest(one)["splits"].items()}
+    assert shares[0] and shares[1] and not shares[0] & shares[1]
+    assert shares[0] | shares[1] == {(i, b) for i, split in enumerate(("train", "validation"))
+                                     for b in range(blocks[split])}
+    assert manifest(two)["complete"] and manifest(two)["splits"] == manifest(one)["splits"]  # same shards, checksums
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    LabelStore(two)  # every checksum verifies
+
+
+# --- the CLI and the embedded teacher ----------------------------------------------------------------------------
 
 
 def test_label_then_train_with_the_tiny_cli_configs(tiny_teacher_dir, tmp_path, monkeypatch):

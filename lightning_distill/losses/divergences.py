@@ -1,54 +1,46 @@
-"""Divergences between the teacher's and the student's next-token distributions, and the per-token math they share.
+"""Divergences between the teacher's and the student's next-token distributions, cross-entropy, and the per-token
+math they share.
 
 Pure torch, no Lightning. A divergence is a small typed object (:class:`Divergence`): its parameters are checked
 when it is made, and it registers itself by name in :data:`DIVERGENCES`, so YAML can name it
-(``loss: reverse_kl``) or build it with parameters (``loss: {class_path: lightning_distill.divergences.GeneralizedJSD,
-init_args: {beta: 0.5}}``). A new divergence is one subclass with a ``name`` and :meth:`Divergence.per_token`.
+(``loss: reverse_kl``) or build it with parameters (``loss: {class_path: lightning_distill.losses.GeneralizedJSD,
+init_args: {beta: 0.5}}``); :func:`get_divergence` is the one way from a name to an object. A new divergence is one
+subclass with a ``name`` and :meth:`Divergence.per_token`.
 
 Every loss has one shape of call::
 
     loss = ForwardKL()(student_logits, teacher_logits, labels, temperature=2.0, num_tokens=None)
-    loss = forward_kl(student_logits, teacher_logits, labels, temperature=2.0)     # the same, by name
 
 - ``student_logits``, ``teacher_logits``: ``(B, T, V)`` or ``(N, V)``, any float dtype. Softmax is taken in at
   least float32 (bf16 / fp16 are upcast, float64 stays float64), and so is the returned scalar.
 - ``labels``: ``(B, T)`` or ``(N,)`` long; positions equal to ``-100`` are ignored, ``None`` counts every
   position. Nothing is shifted here: the caller aligns logits and labels.
 - Reduction: the sum of per-token losses over valid positions divided by the number of valid positions, or
-  by ``num_tokens`` when given (the valid-token count of a whole gradient-accumulation window, DESIGN.md §4).
+  by ``num_tokens`` when given (the valid-token count of a whole gradient-accumulation window).
   When every position is masked the result is exactly 0, still attached to the graph.
 - Temperature ``T``: both logits are divided by ``T`` and the loss is multiplied by ``T**2``, which keeps
   gradient magnitudes independent of ``T`` (Hinton et al. 2015, "Distilling the Knowledge in a Neural
   Network").
-
-The KD + CE mix is in :mod:`lightning_distill.losses` (which re-exports every name here); sparse stored targets
-(top-k, sampled) in :mod:`lightning_distill.sparse`; the same losses from hidden states, chunk by chunk, in
-:mod:`lightning_distill.chunked`.
 """
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable
 from typing import ClassVar
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
+
+from lightning_distill.checks import require
 
 IGNORE_INDEX = -100
 NumTokens = int | Tensor | None  # normalizer: see reduce_tokens
 
 
-def check(ok: bool, name: str, value: object, expected: str) -> None:
-    """Raise a ``ValueError`` naming the argument ``name`` unless ``ok``."""
-    if not ok:
-        raise ValueError(f"`{name}` must be {expected}, got {value!r}")
-
-
 def log_probs(logits: Tensor, temperature: float = 1.0) -> Tensor:
     """Log-softmax of ``logits / temperature`` in at least float32, flattened: (..., V) -> (N, V)."""
-    check(temperature > 0, "temperature", temperature, "> 0")
+    require(temperature > 0, "temperature", temperature, "> 0")
     dtype = torch.promote_types(logits.dtype, torch.float32)
     flat = logits.reshape(-1, logits.shape[-1]).to(dtype)  # (N, V)
     return torch.log_softmax(flat if temperature == 1 else flat / temperature, dim=-1)  # (N, V)
@@ -90,10 +82,10 @@ def reduce_tokens(per_token: Tensor, labels: Tensor | None = None, num_tokens: N
         total, count = per_token.sum(), per_token.numel()
     else:
         valid = labels.reshape(-1) != IGNORE_INDEX  # (N,)
-        check(valid.numel() == per_token.numel(), "labels", tuple(labels.shape), f"{per_token.numel()} long")
+        require(valid.numel() == per_token.numel(), "labels", tuple(labels.shape), f"{per_token.numel()} long")
         total, count = torch.where(valid, per_token, 0.0).sum(), valid.sum()
     if num_tokens is not None:
-        check(not isinstance(num_tokens, int) or num_tokens >= 0, "num_tokens", num_tokens, ">= 0")
+        require(not isinstance(num_tokens, int) or num_tokens >= 0, "num_tokens", num_tokens, ">= 0")
         count = num_tokens
     return total / torch.as_tensor(count, device=total.device).clamp(min=1)
 
@@ -119,6 +111,7 @@ class Divergence:
         super().__init_subclass__(**kwargs)
         if cls.name:
             DIVERGENCES[cls.name] = cls
+        torch.serialization.add_safe_globals([cls])  # a method's saved hyperparameters may hold one
 
     def per_token(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
         """The divergence at each position: (N, V), (N, V) log-probs -> (N,)."""
@@ -187,7 +180,7 @@ class GeneralizedJSD(Divergence):
     name = "generalized_jsd"
 
     def __init__(self, beta: float = 0.5) -> None:
-        check(0 <= beta <= 1, "beta", beta, "in [0, 1]")
+        require(0 <= beta <= 1, "beta", beta, "in [0, 1]")
         self.beta = beta
 
     def per_token(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -210,7 +203,7 @@ class SkewKL(Divergence):
     name = "skew_kl"
 
     def __init__(self, alpha: float = 0.1) -> None:
-        check(0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
+        require(0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
         self.alpha = alpha
 
     def per_token(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -227,7 +220,7 @@ class SkewReverseKL(Divergence):
     name = "skew_reverse_kl"
 
     def __init__(self, alpha: float = 0.1) -> None:
-        check(0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
+        require(0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
         self.alpha = alpha
 
     def per_token(self, student_logp: Tensor, teacher_logp: Tensor) -> Tensor:
@@ -251,31 +244,19 @@ def get_divergence(spec: str | Divergence, **params: float) -> Divergence:
         ValueError: an unknown name (the message lists the known ones), or a bad parameter.
     """
     if isinstance(spec, Divergence):
-        check(not params, "params", params, f"empty when an object ({spec!r}) is given")
+        require(not params, "params", params, f"empty when an object ({spec!r}) is given")
         return spec
-    check(isinstance(spec, str) and spec in DIVERGENCES, "divergence", spec, f"one of {sorted(DIVERGENCES)}")
+    require(isinstance(spec, str) and spec in DIVERGENCES, "loss", spec,
+            f"a Divergence or one of {sorted(DIVERGENCES)}")
     return DIVERGENCES[spec](**params)
 
 
-def divergence_from(loss: str | Divergence, *, beta: float = 0.5, alpha: float = 0.1) -> Divergence:
-    """The divergence a method's ``loss`` argument names, built with whichever of ``beta`` / ``alpha`` it takes
-    (both are range-checked, so a bad value fails early even when unused); an object is returned as is."""
-    check(0 <= beta <= 1, "beta", beta, "in [0, 1]")
-    check(0 <= alpha <= 1, "alpha", alpha, "in [0, 1]")
-    if isinstance(loss, Divergence):
-        return loss
-    check(isinstance(loss, str) and loss in DIVERGENCES, "loss", loss,
-          f"a Divergence or one of {sorted(DIVERGENCES)}")
-    accepted = inspect.signature(DIVERGENCES[loss]).parameters
-    return DIVERGENCES[loss](**{k: v for k, v in {"beta": beta, "alpha": alpha}.items() if k in accepted})
-
-
-def divergence_per_token(divergence: str | Divergence, student_logits: Tensor, teacher_logits: Tensor,
-                         temperature: float = 1.0, student_logp: Tensor | None = None, **params: float) -> Tensor:
+def divergence_per_token(divergence: Divergence, student_logits: Tensor, teacher_logits: Tensor,
+                         temperature: float = 1.0, student_logp: Tensor | None = None) -> Tensor:
     """Per-token divergence between tempered softmaxes, already multiplied by ``temperature**2``.
 
     Args:
-        divergence: a :class:`Divergence` or a name in :data:`DIVERGENCES` (then ``params`` are its parameters).
+        divergence: the divergence.
         student_logits: (B, T, V) or (N, V) logits, any float dtype.
         teacher_logits: same shape as ``student_logits``.
         temperature: T > 0; both logits are divided by T.
@@ -284,39 +265,30 @@ def divergence_per_token(divergence: str | Divergence, student_logits: Tensor, t
     Returns:
         (N,) per-token values in at least float32, N = B * T.
     """
-    divergence = get_divergence(divergence, **params)
+    require(isinstance(divergence, Divergence), "divergence", divergence, "a Divergence",
+            "e.g. get_divergence(name, **params)")
     shape = tuple(student_logits.shape)
-    check(teacher_logits.shape == shape, "teacher_logits", tuple(teacher_logits.shape), f"of shape {shape}")
+    require(teacher_logits.shape == shape, "teacher_logits", tuple(teacher_logits.shape), f"of shape {shape}")
     student_logp = log_probs(student_logits, temperature) if student_logp is None else student_logp  # (N, V)
     teacher_logp = log_probs(teacher_logits, temperature)  # (N, V)
     return divergence.per_token(student_logp, teacher_logp) * temperature**2  # (N,)
 
 
-_BY_NAME: dict[str, Callable[..., Tensor]] = {}
+# -------------------------------------------------------------------------------------------- cross-entropy
+def cross_entropy_per_token(student_logits: Tensor, labels: Tensor) -> Tensor:
+    """Negative log-likelihood of ``labels`` (B, T) / (N,) under ``student_logits`` (..., V), in at least
+    float32: (N,), 0 at ignored positions."""
+    logits = student_logits.reshape(-1, student_logits.shape[-1])  # (N, V)
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits, labels.reshape(-1), ignore_index=IGNORE_INDEX, reduction="none")  # (N,)
 
 
-def get_loss(name: str) -> Callable[..., Tensor]:
-    """The dense loss ``fn(student_logits, teacher_logits, labels=None, *, temperature=1.0, num_tokens=None,
-    **params)`` of the divergence called ``name`` (``params`` build it, e.g. ``beta=0.3``); a ``ValueError``
-    lists the valid names."""
-    check(name in DIVERGENCES, "name", name, f"one of {sorted(DIVERGENCES)}")
-    if name not in _BY_NAME:
-        def loss(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor | None = None, *,
-                 temperature: float = 1.0, num_tokens: NumTokens = None, **params: float) -> Tensor:
-            return DIVERGENCES[name](**params)(student_logits, teacher_logits, labels, temperature=temperature,
-                                               num_tokens=num_tokens)
+def cross_entropy(student_logits: Tensor, labels: Tensor, *, num_tokens: NumTokens = None) -> Tensor:
+    """Mean next-token cross-entropy over valid positions (same normalization as the divergences, T = 1).
 
-        loss.__name__ = loss.__qualname__ = name
-        loss.__doc__ = f"The dense loss of :class:`{DIVERGENCES[name].__name__}`. " + (DIVERGENCES[name].__doc__
-                                                                                         or "")
-        _BY_NAME[name] = loss
-    return _BY_NAME[name]
-
-
-# The divergences as plain functions, by name (``generalized_jsd(s, t, labels, beta=0.3)``).
-forward_kl = get_loss("forward_kl")
-reverse_kl = get_loss("reverse_kl")
-generalized_jsd = get_loss("generalized_jsd")
-skew_kl = get_loss("skew_kl")
-skew_reverse_kl = get_loss("skew_reverse_kl")
-tvd = get_loss("tvd")
+    Args:
+        student_logits: (B, T, V) or (N, V) logits.
+        labels: (B, T) or (N,) target ids, ``-100`` ignored.
+        num_tokens: divide by this instead of the number of valid positions.
+    """
+    return reduce_tokens(cross_entropy_per_token(student_logits, labels), labels, num_tokens)

@@ -1,11 +1,11 @@
 """Sparse teacher targets: the teacher's distribution kept on a few ids per position (top-k or sampled).
 
 Pure torch. The label writer makes them (:func:`topk_teacher`, :func:`sample_teacher`) and the label store keeps
-them; a :class:`SparseTargets` goes wherever teacher logits go (:func:`lightning_distill.losses.distill_loss`,
-:func:`lightning_distill.chunked.chunked_distill_loss`) and computes its own per-token loss:
+them; a :class:`SparseTargets` goes wherever teacher logits go (:func:`~lightning_distill.losses.distill.distill_loss`,
+:func:`~lightning_distill.losses.distill.chunked_distill_loss`) and computes its own per-token loss:
 
 - ``topk``: forward KL to the K most likely ids, or with ``tail="bucket"`` any divergence of
-  :data:`lightning_distill.losses.DIVERGENCES` on the K ids + the rest (:func:`topk_forward_kl`);
+  :data:`lightning_distill.losses.divergences.DIVERGENCES` on the K ids + the rest (:func:`topk_forward_kl`);
 - ``sampled``: the unbiased random-sampling estimate of the forward KL (:func:`sampled_kl`).
 """
 
@@ -18,12 +18,11 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from lightning_distill.losses import (
+from lightning_distill.checks import require
+from lightning_distill.losses.divergences import (
     Divergence,
     ForwardKL,
     NumTokens,
-    SparseTarget,
-    check,
     get_divergence,
     kl,
     log_probs,
@@ -46,8 +45,8 @@ def topk_teacher(teacher_logits: Tensor, k: int, temperature: float = 1.0) -> tu
         ``(ids, logprobs)``, (..., K) long and (..., K) float32 log-probs of the full (not renormalized)
         tempered distribution, most likely first.
     """
-    check(1 <= k <= teacher_logits.shape[-1], "k", k, f"in [1, {teacher_logits.shape[-1]}]")
-    check(temperature > 0, "temperature", temperature, "> 0")
+    require(1 <= k <= teacher_logits.shape[-1], "k", k, f"in [1, {teacher_logits.shape[-1]}]")
+    require(temperature > 0, "temperature", temperature, "> 0")
     flat = teacher_logits.reshape(-1, teacher_logits.shape[-1])  # (N, V)
     scaled = flat if temperature == 1 else flat.float() / temperature
     logprobs, ids = torch.log_softmax(scaled, -1, dtype=torch.float32).topk(k, dim=-1)  # (N, K)
@@ -70,7 +69,7 @@ def sample_teacher(teacher_logits: Tensor, num_samples: int, temperature: float 
         ``(ids, weights)``, both (..., S): unique ids in ascending order, each with weight count / S, then
         padding slots (id 0, weight 0). Weights sum to 1 per position.
     """
-    check(num_samples >= 1, "num_samples", num_samples, ">= 1")
+    require(num_samples >= 1, "num_samples", num_samples, ">= 1")
     probs = log_probs(teacher_logits, temperature).exp()  # (N, V)
     draws = torch.multinomial(probs, num_samples, replacement=True, generator=generator)  # (N, S)
     ids, weights = merge_draws(draws)
@@ -100,10 +99,10 @@ def _topk_kl(student_logp: Tensor, ids: Tensor, logprobs: Tensor, tail: str, div
     is defined (by data processing, each is at most its dense value). ``tail="renorm"`` leaves the teacher 0
     outside its K ids, where only the forward KL stays finite and meaningful.
     """
-    check(tail in TAILS, "tail", tail, "'renorm' or 'bucket'")
+    require(tail in TAILS, "tail", tail, "'renorm' or 'bucket'")
     student_k = student_logp.gather(-1, ids)  # (N, K)
     if tail == "renorm":
-        check(isinstance(divergence, ForwardKL), "divergence", divergence,
+        require(isinstance(divergence, ForwardKL), "divergence", divergence,
               "'forward_kl' with tail='renorm' (use tail='bucket' for the other divergences)")
         return kl(torch.log_softmax(logprobs, dim=-1), student_k)
     if ids.shape[-1] == student_logp.shape[-1]:  # the (distinct) ids cover the vocabulary: there is no tail
@@ -143,7 +142,7 @@ def _sampled_ce(student_logp: Tensor, sample_ids: Tensor, sample_weights: Tensor
     """Cross-entropy to a sparse empirical teacher: (N, V), (N, S), (N, S) -> (N,). See :func:`sampled_kl`.
 
     Only a divergence linear in the teacher (the forward KL) has an unbiased estimate from draws."""
-    check(divergence.linear_in_teacher, "divergence", divergence, "'forward_kl' with sampled targets (the only "
+    require(divergence.linear_in_teacher, "divergence", divergence, "'forward_kl' with sampled targets (the only "
           "divergence linear in the teacher, hence estimated without bias from its draws)")
     return -(sample_weights * student_logp.gather(-1, sample_ids)).sum(-1)
 
@@ -173,7 +172,7 @@ sampled-token loss."""
 
 
 @dataclass(frozen=True)
-class SparseTargets(SparseTarget):
+class SparseTargets:
     """A teacher signal kept on a few ids per position, read from a label store.
 
     Passed wherever teacher logits go, it computes the sparse loss of its ``kind``. Indexing slices both
@@ -194,10 +193,10 @@ class SparseTargets(SparseTarget):
     tail: str = "bucket"
 
     def __post_init__(self) -> None:
-        check(self.kind in SPARSE_DIVERGENCES, "kind", self.kind, f"one of {sorted(SPARSE_DIVERGENCES)}")
-        check(self.ids.shape == self.values.shape, "values", tuple(self.values.shape),
+        require(self.kind in SPARSE_DIVERGENCES, "kind", self.kind, f"one of {sorted(SPARSE_DIVERGENCES)}")
+        require(self.ids.shape == self.values.shape, "values", tuple(self.values.shape),
               f"of shape {tuple(self.ids.shape)} (as ids)")
-        check(self.tail in TAILS, "tail", self.tail, "'renorm' or 'bucket'")
+        require(self.tail in TAILS, "tail", self.tail, "'renorm' or 'bucket'")
 
     @classmethod
     def from_picks(cls, picks: Tensor) -> SparseTargets:
@@ -221,7 +220,7 @@ class SparseTargets(SparseTarget):
     def per_token(self, student_logp: Tensor, divergence: Divergence, temperature: float) -> Tensor:
         """The per-token loss from student log-probs (N, V) at ``temperature``: (N,), times ``temperature**2``."""
         ids, values = self.rows()  # (N, K) each
-        check(ids.shape[0] == student_logp.shape[0], "target_ids", tuple(self.ids.shape),
+        require(ids.shape[0] == student_logp.shape[0], "target_ids", tuple(self.ids.shape),
               f"of {student_logp.shape[0]} rows (as the student's logits)")
         fn = SPARSE_DIVERGENCES[self.kind]
         return fn(student_logp, ids, values.to(student_logp.dtype), self.tail, divergence) * temperature**2
@@ -229,7 +228,7 @@ class SparseTargets(SparseTarget):
 
 def sparse_per_token(kind: str, student_logits: Tensor, target_ids: Tensor, target_values: Tensor,
                      temperature: float = 1.0, student_logp: Tensor | None = None, *, tail: str = "renorm",
-                     divergence: str | Divergence = "forward_kl", **params: float) -> Tensor:
+                     divergence: str | Divergence = "forward_kl") -> Tensor:
     """Per-token loss to a sparse target, multiplied by ``temperature**2``.
 
     Args:
@@ -241,17 +240,17 @@ def sparse_per_token(kind: str, student_logits: Tensor, target_ids: Tensor, targ
         temperature: T > 0, the temperature the targets were made at.
         student_logp: the student's log-probs at ``temperature`` (N, V) when the caller already has them.
         tail: ``topk`` only, see :func:`topk_forward_kl`.
-        divergence: a divergence or its name (with ``params``); ``forward_kl`` unless ``tail="bucket"``.
+        divergence: a divergence or its name; ``forward_kl`` unless ``tail="bucket"``.
 
     Returns:
         (N,) per-token values in at least float32.
     """
-    check(kind in SPARSE_DIVERGENCES, "kind", kind, f"one of {sorted(SPARSE_DIVERGENCES)}")
+    require(kind in SPARSE_DIVERGENCES, "kind", kind, f"one of {sorted(SPARSE_DIVERGENCES)}")
     rows = tuple(student_logits.shape[:-1])
-    check(target_ids.shape[:-1] == rows, "target_ids", tuple(target_ids.shape), f"of shape ({rows}, K)")
+    require(target_ids.shape[:-1] == rows, "target_ids", tuple(target_ids.shape), f"of shape ({rows}, K)")
     student_logp = log_probs(student_logits, temperature) if student_logp is None else student_logp  # (N, V)
     targets = SparseTargets(kind, target_ids, target_values, tail)
-    return targets.per_token(student_logp, get_divergence(divergence, **params), temperature)
+    return targets.per_token(student_logp, get_divergence(divergence), temperature)
 
 
 def topk_forward_kl(student_logits: Tensor, target_ids: Tensor, target_logprobs: Tensor,
@@ -269,14 +268,14 @@ def topk_forward_kl(student_logits: Tensor, target_ids: Tensor, target_logprobs:
       student's mass outside the K ids (see :func:`_tail`): the exact KL between the two
       distributions coarse-grained to K + 1 outcomes, hence never above the dense forward KL.
 
-    With K = V both equal :func:`lightning_distill.losses.forward_kl`.
+    With K = V both equal the dense :class:`~lightning_distill.losses.divergences.ForwardKL`.
 
     Args:
         student_logits: (B, T, V) or (N, V).
         target_ids: (B, T, K) or (N, K) long, distinct per position.
         target_logprobs: same shape, teacher log-probs of those ids at ``temperature`` (not renormalized).
-        labels, temperature, num_tokens: as :func:`lightning_distill.losses.forward_kl`; ``temperature`` must
-            be the writer's.
+        labels, temperature, num_tokens: as the dense :class:`~lightning_distill.losses.divergences.ForwardKL`;
+            ``temperature`` must be the writer's.
         tail: ``"renorm"`` or ``"bucket"``.
     """
     per_token = sparse_per_token("topk", student_logits, target_ids, target_logprobs, temperature, tail=tail)
@@ -298,7 +297,7 @@ def sampled_kl(student_logits: Tensor, sample_ids: Tensor, sample_weights: Tenso
         student_logits: (B, T, V) or (N, V).
         sample_ids: (B, T, S) or (N, S) long; padding slots may hold any valid id.
         sample_weights: same shape, normalized counts summing to 1 per position, 0 in padding slots.
-        labels, temperature, num_tokens: as :func:`lightning_distill.losses.forward_kl`.
+        labels, temperature, num_tokens: as the dense :class:`~lightning_distill.losses.divergences.ForwardKL`.
     """
     per_token = sparse_per_token("sampled", student_logits, sample_ids, sample_weights, temperature)
     return reduce_tokens(per_token, labels, num_tokens)

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import dataclasses
 import pickle
 import random
 import tempfile
@@ -22,9 +23,9 @@ from typing import Any
 
 import numpy as np
 import torch
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import PreTrainedTokenizerBase
 
-from lightning_distill.backbone import load_model
+from lightning_distill.backbone import load_tokenizer
 
 KEY = "lightning_distill"
 FORMAT = 1
@@ -48,9 +49,16 @@ def payload(module: Any) -> dict[str, Any]:
 
 def write(module: Any, checkpoint: dict[str, Any]) -> None:
     """``on_save_checkpoint``: a frozen teacher is reloaded from its name, so its weights are dropped; the method's
-    name and :func:`payload` (model configs, tokenizer, signal state, random state, W&B run) are added."""
+    name and :func:`payload` (model configs, tokenizer, signal state, random state, W&B run) are added; the option
+    groups among the hyperparameters are kept as plain dicts (:func:`option_groups` rebuilds them): a strategy that
+    maps over the whole checkpoint on loading (FSDP) cannot rebuild a frozen dataclass."""
     checkpoint["lightning_distill_class"] = type(module).__name__
     checkpoint[KEY] = payload(module)
+    hparams = checkpoint.get("hyper_parameters") or {}  # a copy of the module's hparams
+    groups = {name: type(value).__name__ for name, value in hparams.items() if dataclasses.is_dataclass(value)}
+    for name in groups:
+        hparams[name] = dataclasses.asdict(hparams[name])
+    checkpoint[KEY]["option_groups"] = groups
     if not module.trains_teacher:
         state = checkpoint["state_dict"]
         for key in [k for k in state if k.startswith("teacher.")]:
@@ -131,6 +139,17 @@ def read(path: str | Path, argument: str = "checkpoint") -> dict[str, Any]:
     return checkpoint
 
 
+def option_groups(checkpoint: dict[str, Any]) -> dict[str, Any]:
+    """The option groups (:mod:`lightning_distill.options`) among ``checkpoint``'s hyperparameters, rebuilt from the
+    dicts :func:`write` kept, by argument name."""
+    from lightning_distill import options
+
+    hparams = checkpoint.get("hyper_parameters") or {}
+    groups = checkpoint.get(KEY, {}).get("option_groups", {})
+    return {name: getattr(options, kind)(**hparams[name]) for name, kind in groups.items()
+            if isinstance(hparams.get(name), dict)}
+
+
 def method_name(checkpoint: dict[str, Any]) -> str | None:
     """The class that wrote ``checkpoint`` (``SoftDistill``, ...)."""
     return checkpoint.get(KEY, {}).get("class") or checkpoint.get("lightning_distill_class")
@@ -153,46 +172,9 @@ def restored() -> dict[str, Any] | None:
 
 
 def tokenizer_from(stored: dict[str, Any]) -> PreTrainedTokenizerBase:
-    """The tokenizer a payload holds, with a pad token as :func:`lightning_distill.backbone.load_tokenizer` sets."""
+    """The tokenizer a payload holds, loaded as every tokenizer is (:func:`lightning_distill.backbone.load_tokenizer`:
+    with a pad token)."""
     with tempfile.TemporaryDirectory() as folder:
         for name, data in stored["tokenizer"].items():
             (Path(folder) / name).write_bytes(data)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def build_models(module: Any) -> None:
-    """``configure_model`` of a module built inside :func:`restoring`: the student (and a trained teacher) from
-    the stored configs, their weights to come from the checkpoint's state dict; a frozen teacher by its name, and
-    only for a method that asks it live. A missing teacher is an error when a trainer is attached (training,
-    validating, labelling), else it is remembered (loading and exporting the student do not need it)."""
-    stored = module._stored
-    teacher = None
-    if module.trains_teacher and stored.get("teacher_config"):
-        teacher = model_from(stored["teacher_config"])
-    elif module.needs_teacher():
-        try:
-            teacher = load_model(module.teacher_name, role="teacher")
-        except ValueError as error:
-            module.teacher_missing = missing_teacher(module, error)
-            if module._trainer is not None:
-                raise ValueError(module.teacher_missing) from None
-    module.keep_models(model_from(stored["student_config"]), teacher)
-
-
-def missing_teacher(module: Any, error: Exception) -> str:
-    """The error of a method that asks a live teacher whose folder is gone: where it looked, how to point anew."""
-    name = type(module).__name__
-    return (f"{error}. {name} asks its teacher live, so going on with this checkpoint needs it: point at the "
-            f"teacher's new place with --model.init_args.teacher NEW_PATH, or {name}.load_from_checkpoint(path, "
-            "teacher=NEW_PATH); exporting the student does not need it (lightning-distill export --ckpt PATH "
-            "--out DIR)")
-
-
-def model_from(config: dict[str, Any]) -> PreTrainedModel:
-    """A float32 model of a stored config, its weights to be loaded from the checkpoint's state dict."""
-    fields = dict(config)
-    model_config = AutoConfig.for_model(fields.pop("model_type"), **fields)
-    return AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).train()
+        return load_tokenizer(folder, "checkpoint tokenizer")

@@ -1,6 +1,6 @@
-"""Tests of lightning_distill.chunked: the chunked losses equal the unchunked ones (values and gradients of the
-hidden states and head weights) for chunk sizes that do and do not divide the number of positions, with
-masking, through both teacher paths (logits, hidden states + head) and for sparse targets; on the fused path
+"""Tests of lightning_distill.losses.distill's chunked loss: chunked_distill_loss equals the dense distill_loss
+(values and gradients of the hidden states and head weights) for chunk sizes that do and do not divide the number
+of positions, with masking, through every teacher (logits, TeacherHidden, SparseTargets); on the fused path
 (gradients in the forward pass, the default) and the checkpointed one, in float64 and bf16."""
 
 from __future__ import annotations
@@ -12,11 +12,17 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_distill import chunked, fused, losses, sparse
+from lightning_distill import losses
+from lightning_distill.losses import GeneralizedJSD, SparseTargets, TeacherHidden, distill, divergences, sparse
 
 B, T, H, H_T, V = 3, 7, 8, 6, 13  # N = 21 positions
 CHUNK_SIZES = [1, 4, 5, 21, 64]
 PARAMS = {"generalized_jsd": {"beta": 0.3}, "skew_kl": {"alpha": 0.2}, "skew_reverse_kl": {"alpha": 0.2}}
+
+
+def divergence_of(name: str) -> losses.Divergence:
+    """The divergence called ``name`` with its parameters in PARAMS."""
+    return losses.get_divergence(name, **PARAMS.get(name, {}))
 
 
 def make(seed: int = 0):
@@ -54,7 +60,7 @@ def test_equals_unchunked(chunk_size, ce_weight, fused):
     hidden, head, teacher_logits, _, _, labels = make()
     kwargs = dict(divergence="forward_kl", ce_weight=ce_weight, temperature=2.0)
     want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=chunk_size, fused=fused,
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=chunk_size, fused=fused,
                                        **kwargs)
     assert is_fused(got) == fused
     assert_same(got, want, [hidden, head.weight, head.bias])
@@ -67,14 +73,14 @@ def test_fused_equals_dense_float64(divergence, ce_weight, teacher):
     """Every divergence, T != 1, both teacher sources, a chunk size that does not divide N: same value and
     gradients (hidden, head weight and bias) as the dense loss on head(hidden), to float64 precision."""
     hidden, head, teacher_logits, teacher_hidden, teacher_head, labels = make(8)
-    kwargs = dict(divergence=divergence, ce_weight=ce_weight, temperature=1.7, **PARAMS.get(divergence, {}))
+    kwargs = dict(divergence=divergence_of(divergence), ce_weight=ce_weight, temperature=1.7)
     if teacher == "logits":
-        source = {"teacher_logits": teacher_logits}
+        source = teacher_logits
     else:
-        source = {"teacher_logits": None, "teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
+        source = TeacherHidden(teacher_hidden, teacher_head)
         teacher_logits = teacher_head(teacher_hidden)
     want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
-    got = chunked.chunked_distill_loss(hidden, head, labels=labels, chunk_size=5, **source, **kwargs)
+    got = losses.chunked_distill_loss(hidden, head, source, labels=labels, chunk_size=5, **kwargs)
     assert is_fused(got) and not got["kd"].requires_grad and not got["ce"].requires_grad
     assert_same(got, want, [hidden, head.weight, head.bias])
 
@@ -82,17 +88,17 @@ def test_fused_equals_dense_float64(divergence, ce_weight, teacher):
 @pytest.mark.parametrize("kind", ["dense", "topk"])
 def test_fused_sub_chunks(kind, monkeypatch):
     """On CPU the per-token part runs on sub-chunks of a chunk (here 2 rows of chunks of 5): same results."""
-    monkeypatch.setattr(fused, "SUB_CHUNK_ELEMENTS", 2 * V)
+    monkeypatch.setattr(distill, "SUB_CHUNK_ELEMENTS", 2 * V)
     hidden, head, teacher_logits, teacher_hidden, teacher_head, labels = make(21)
-    kwargs = dict(ce_weight=0.3, temperature=1.5, divergence="generalized_jsd", beta=0.3)
+    kwargs = dict(ce_weight=0.3, temperature=1.5, divergence=GeneralizedJSD(beta=0.3))
     if kind == "dense":
         want = losses.distill_loss(head(hidden), teacher_head(teacher_hidden), labels, **kwargs)
-        got = chunked.chunked_distill_loss(hidden, head, None, labels, chunk_size=5, teacher_hidden=teacher_hidden,
-                                           teacher_head=teacher_head, **kwargs)
+        got = losses.chunked_distill_loss(hidden, head, TeacherHidden(teacher_hidden, teacher_head), labels,
+                                          chunk_size=5, **kwargs)
     else:
-        targets = sparse.SparseTargets("topk", *sparse.topk_teacher(teacher_logits, 4, temperature=1.5), "bucket")
+        targets = SparseTargets("topk", *sparse.topk_teacher(teacher_logits, 4, temperature=1.5), "bucket")
         want = losses.distill_loss(head(hidden), targets, labels, **kwargs)
-        got = chunked.chunked_distill_loss(hidden, head, targets, labels, chunk_size=5, tail="bucket", **kwargs)
+        got = losses.chunked_distill_loss(hidden, head, targets, labels, chunk_size=5, **kwargs)
     assert is_fused(got)
     assert_same(got, want, [hidden, head.weight, head.bias])
 
@@ -103,7 +109,7 @@ def test_fused_num_tokens(num_tokens):
     hidden, head, teacher_logits, _, _, labels = make(9)
     kwargs = dict(ce_weight=0.3, temperature=2.0, num_tokens=num_tokens)
     want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=4, **kwargs)
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=4, **kwargs)
     assert_same(got, want, [hidden, head.weight, head.bias])
 
 
@@ -111,7 +117,7 @@ def test_fused_num_tokens(num_tokens):
 def test_fused_all_masked_gives_zero_and_zero_grads(ce_weight):
     hidden, head, teacher_logits, _, _, labels = make(10)
     masked = torch.full_like(labels, losses.IGNORE_INDEX)
-    out = chunked.chunked_distill_loss(hidden, head, teacher_logits, masked, ce_weight=ce_weight, chunk_size=4)
+    out = losses.chunked_distill_loss(hidden, head, teacher_logits, masked, ce_weight=ce_weight, chunk_size=4)
     assert is_fused(out) and out["loss"].item() == out["kd"].item() == out["ce"].item() == 0.0
     out["loss"].backward()
     for x in (hidden, head.weight, head.bias):
@@ -122,7 +128,7 @@ def test_fused_scales_by_the_incoming_gradient():
     """Backward multiplies the stored gradients by grad_output (here 3) and adds to other paths' gradients."""
     hidden, head, teacher_logits, _, _, labels = make(11)
     want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=4)
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=4)
     inputs = [hidden, head.weight, head.bias]
     for g, w in zip(torch.autograd.grad(3 * got["loss"] + (hidden**2).sum(), inputs),
                     torch.autograd.grad(3 * want["loss"] + (hidden**2).sum(), inputs), strict=True):
@@ -134,11 +140,11 @@ def test_fused_only_what_requires_grad():
     hidden, head, teacher_logits, _, _, labels = make(12)
     weight = head.weight.detach().clone()  # a bare (V, H) weight that does not require grad
     want = losses.distill_loss(hidden @ weight.T, teacher_logits, labels, ce_weight=0.5)
-    got = chunked.chunked_distill_loss(hidden, weight, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
+    got = losses.chunked_distill_loss(hidden, weight, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
     assert_same(got, want, [hidden])
     frozen = hidden.detach()
     want = losses.distill_loss(head(frozen), teacher_logits, labels, ce_weight=0.5)
-    got = chunked.chunked_distill_loss(frozen, head, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
+    got = losses.chunked_distill_loss(frozen, head, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
     assert is_fused(got)
     assert_same(got, want, [head.weight, head.bias])
 
@@ -150,9 +156,9 @@ def test_tied_embedding_head():
     head = nn.Linear(H, V, bias=False).double()
     head.weight = embedding.weight
     ids = torch.randint(0, V, (B, T))
-    kwargs = dict(ce_weight=0.3, temperature=1.5, divergence="generalized_jsd", beta=0.4)
+    kwargs = dict(ce_weight=0.3, temperature=1.5, divergence=GeneralizedJSD(beta=0.4))
     want = losses.distill_loss(head(torch.tanh(embedding(ids))), teacher_logits, labels, **kwargs)
-    got = chunked.chunked_distill_loss(torch.tanh(embedding(ids)), head, teacher_logits, labels, chunk_size=5,
+    got = losses.chunked_distill_loss(torch.tanh(embedding(ids)), head, teacher_logits, labels, chunk_size=5,
                                        **kwargs)
     assert is_fused(got)
     assert_same(got, want, [embedding.weight])
@@ -176,7 +182,7 @@ def test_fused_bf16_weights(divergence):
     head = head.bfloat16()
     kwargs = dict(divergence=divergence, ce_weight=0.3, temperature=2.0)
     want = losses.distill_loss(head(hidden), teacher_logits.bfloat16(), labels, **kwargs)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits.bfloat16(), labels, chunk_size=5, **kwargs)
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits.bfloat16(), labels, chunk_size=5, **kwargs)
     assert is_fused(got) and got["loss"].dtype == torch.float32
     assert_close_bf16(got, want, [hidden, head.weight, head.bias])
 
@@ -190,9 +196,8 @@ def test_fused_bf16_autocast(teacher):
     with torch.autocast("cpu", dtype=torch.bfloat16):
         teacher_logits = teacher_head(teacher_hidden)
         want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.4)
-        source = {"teacher_logits": teacher_logits} if teacher == "logits" else {
-            "teacher_logits": None, "teacher_hidden": teacher_hidden, "teacher_head": teacher_head}
-        got = chunked.chunked_distill_loss(hidden, head, labels=labels, ce_weight=0.4, chunk_size=5, **source)
+        source = teacher_logits if teacher == "logits" else TeacherHidden(teacher_hidden, teacher_head)
+        got = losses.chunked_distill_loss(hidden, head, source, labels=labels, ce_weight=0.4, chunk_size=5)
     assert is_fused(got)
     assert_close_bf16(got, want, [hidden, head.weight, head.bias])
 
@@ -209,7 +214,7 @@ def test_other_head_modules_fall_back_to_checkpointing(kind):
     hidden, head, teacher_logits, _, _, labels = make(16)
     head = nn.Sequential(head) if kind == "sequential" else ScaledLinear(H, V).double()
     want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=4)
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=4)
     assert not is_fused(got)
     assert_same(got, want, [hidden, *head.parameters()])
 
@@ -220,9 +225,10 @@ def test_other_head_modules_fall_back_to_checkpointing(kind):
 )
 def test_every_divergence(divergence, params):
     hidden, head, teacher_logits, _, _, labels = make(1)
-    kwargs = dict(divergence=divergence, ce_weight=0.2, temperature=1.5, num_tokens=30, **params)
+    kwargs = dict(divergence=losses.get_divergence(divergence, **params), ce_weight=0.2, temperature=1.5,
+                  num_tokens=30)
     want = losses.distill_loss(head(hidden), teacher_logits, labels, **kwargs)
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=4, **kwargs)
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, chunk_size=4, **kwargs)
     assert_same(got, want, [hidden, head.weight, head.bias])
 
 
@@ -232,8 +238,8 @@ def test_teacher_hidden_path(chunk_size):
     weight = head.weight.detach().clone().requires_grad_(True)  # a bare (V, H) weight as the student head
     for teacher in (teacher_head, teacher_head.weight):  # module or (V, H_t) weight
         want = losses.distill_loss(hidden @ weight.T, teacher_head(teacher_hidden), labels, ce_weight=0.5)
-        got = chunked.chunked_distill_loss(hidden, weight, None, labels, ce_weight=0.5, chunk_size=chunk_size,
-                                           teacher_hidden=teacher_hidden, teacher_head=teacher)
+        got = losses.chunked_distill_loss(hidden, weight, TeacherHidden(teacher_hidden, teacher), labels,
+                                          ce_weight=0.5, chunk_size=chunk_size)
         assert_same(got, want, [hidden, weight])
 
 
@@ -242,8 +248,8 @@ def test_trained_teacher_gets_gradients():
     hidden, head, _, teacher_hidden, teacher_head, labels = make(3)
     teacher_head.requires_grad_(True)
     want = losses.distill_loss(head(hidden), teacher_head(teacher_hidden), labels, divergence="generalized_jsd")
-    got = chunked.chunked_distill_loss(hidden, head, None, labels, divergence="generalized_jsd", chunk_size=4,
-                                       teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+    got = losses.chunked_distill_loss(hidden, head, TeacherHidden(teacher_hidden, teacher_head), labels,
+                                      divergence="generalized_jsd", chunk_size=4)
     assert not is_fused(got)  # the fused path computes no teacher gradient: the checkpointed one does
     assert_same(got, want, [hidden, head.weight, teacher_head.weight])
 
@@ -252,19 +258,19 @@ def test_without_labels():
     """Pure distillation (ce_weight 0) needs no labels: every position counts."""
     hidden, head, teacher_logits, _, _, _ = make(7)
     want = losses.distill_loss(head(hidden), teacher_logits, None, divergence="tvd")
-    got = chunked.chunked_distill_loss(hidden, head, teacher_logits, None, divergence="tvd", chunk_size=5)
+    got = losses.chunked_distill_loss(hidden, head, teacher_logits, None, divergence="tvd", chunk_size=5)
     assert_same(got, want, [hidden, head.weight, head.bias])
 
 
 def test_all_masked_and_no_grad():
     hidden, head, teacher_logits, _, _, labels = make(4)
     masked = torch.full_like(labels, losses.IGNORE_INDEX)
-    out = chunked.chunked_distill_loss(hidden, head, teacher_logits, masked, ce_weight=0.5, chunk_size=4)
+    out = losses.chunked_distill_loss(hidden, head, teacher_logits, masked, ce_weight=0.5, chunk_size=4)
     assert out["loss"].item() == 0.0
     out["loss"].backward()
     assert torch.equal(hidden.grad, torch.zeros_like(hidden))
     with torch.no_grad():  # evaluation: no checkpointing, same values
-        got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
+        got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.5, chunk_size=4)
         want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.5)
     torch.testing.assert_close(got["loss"], want["loss"])
 
@@ -281,8 +287,8 @@ def test_no_chunk_logits_live_between_forward_and_backward(fused):
         return x
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda x: x):
-        out = chunked.chunked_distill_loss(hidden, head, None, labels, ce_weight=0.5, chunk_size=4, fused=fused,
-                                           teacher_hidden=teacher_hidden, teacher_head=teacher_head)
+        out = losses.chunked_distill_loss(hidden, head, TeacherHidden(teacher_hidden, teacher_head), labels,
+                                          ce_weight=0.5, chunk_size=4, fused=fused)
     gc.collect()
     alive = [ref().shape for ref in saved if ref() is not None]
     assert not any(len(shape) == 2 and shape[-1] == V for shape in alive), alive
@@ -304,8 +310,8 @@ def test_sparse_equals_unchunked(kind, params, chunk_size):
     kd = sparse.SPARSE_LOSSES[kind](logits, ids, values, labels, temperature=2.0, **params)
     ce = losses.cross_entropy(logits, labels)
     want = {"loss": 0.7 * kd + 0.3 * ce, "kd": kd, "ce": ce}
-    got = chunked.chunked_sparse_loss(hidden, head, ids, values, labels, kind=kind, ce_weight=0.3,
-                                      temperature=2.0, chunk_size=chunk_size, **params)
+    got = losses.chunked_distill_loss(hidden, head, SparseTargets(kind, ids, values, **params), labels,
+                                      ce_weight=0.3, temperature=2.0, chunk_size=chunk_size)
     assert is_fused(got)
     assert_same(got, want, [hidden, head.weight, head.bias])
 
@@ -316,11 +322,10 @@ def test_sparse_equals_unchunked(kind, params, chunk_size):
 def test_sparse_targets_through_distill_loss(divergence, tail, ce_weight):
     """A SparseTargets where teacher logits go (as the modules pass it, with its tail), every mix weight."""
     hidden, head, teacher_logits, _, _, labels = make(17)
-    targets = sparse.SparseTargets("topk", *sparse.topk_teacher(teacher_logits, 4, temperature=1.5), tail)
-    kwargs = dict(divergence=divergence, ce_weight=ce_weight, temperature=1.5, num_tokens=25, tail=tail,
-                  **PARAMS.get(divergence, {}))
-    want = losses.distill_loss(head(hidden), targets, labels, **{k: v for k, v in kwargs.items() if k != "tail"})
-    got = chunked.chunked_distill_loss(hidden, head, targets, labels, chunk_size=5, **kwargs)
+    targets = SparseTargets("topk", *sparse.topk_teacher(teacher_logits, 4, temperature=1.5), tail)
+    kwargs = dict(divergence=divergence_of(divergence), ce_weight=ce_weight, temperature=1.5, num_tokens=25)
+    want = losses.distill_loss(head(hidden), targets, labels, **kwargs)
+    got = losses.chunked_distill_loss(hidden, head, targets, labels, chunk_size=5, **kwargs)
     assert is_fused(got)
     assert_same(got, want, [hidden, head.weight, head.bias])
 
@@ -334,12 +339,12 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
         calls.append(args[-1])  # the compiled function is called with functional=True
         raise RuntimeError("no compiler here")
 
-    monkeypatch.setattr(fused, "_COMPILED", {"fn": broken})
+    monkeypatch.setattr(distill, "_COMPILED", {"fn": broken})
     want = losses.distill_loss(head(hidden), teacher_logits, labels, ce_weight=0.3)
     with pytest.warns(UserWarning, match="torch.compile"):
-        got = chunked.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=5,
+        got = losses.chunked_distill_loss(hidden, head, teacher_logits, labels, ce_weight=0.3, chunk_size=5,
                                            compiled=True)
-    assert calls == [True] and fused._COMPILED["failed"]
+    assert calls == [True] and distill._COMPILED["failed"]
     assert_same(got, want, [hidden, head.weight, head.bias])
 
 
@@ -351,10 +356,11 @@ def test_functional_chunk_grad_equals_eager():
     w = torch.tensor(0.1, dtype=torch.float64)
 
     def kd_fn(z, logp, t):
-        return losses.divergence_per_token("skew_kl", z, t, 2.0, student_logp=logp, alpha=0.3)
+        return divergences.divergence_per_token(losses.get_divergence("skew_kl", alpha=0.3), z, t, 2.0,
+                                                student_logp=logp)
 
     args = (logits, y, y != losses.IGNORE_INDEX, w, 2 * w, kd_fn, (teacher_logits.reshape(-1, V),), 0.3, 2.0)
-    for got, want in zip(fused.chunk_grad(*args, True), fused.chunk_grad(*args), strict=True):
+    for got, want in zip(distill.chunk_grad(*args, True), distill.chunk_grad(*args), strict=True):
         torch.testing.assert_close(got, want)
 
 
@@ -370,9 +376,9 @@ def test_cuda_compiled_bf16_equals_dense(divergence):
     with torch.autocast("cuda", dtype=torch.bfloat16):
         want = losses.distill_loss(head(hidden), teacher_head(teacher_hidden), labels, divergence=divergence,
                                    ce_weight=0.5)
-        got = chunked.chunked_distill_loss(hidden, head, None, labels, divergence=divergence, ce_weight=0.5,
-                                           chunk_size=8, teacher_hidden=teacher_hidden, teacher_head=teacher_head)
-    assert is_fused(got) and not fused._COMPILED.get("failed")
+        got = losses.chunked_distill_loss(hidden, head, TeacherHidden(teacher_hidden, teacher_head), labels,
+                                          divergence=divergence, ce_weight=0.5, chunk_size=8)
+    assert is_fused(got) and not distill._COMPILED.get("failed")
     assert_close_bf16(got, want, [hidden, head.weight, head.bias])
 
 
@@ -381,14 +387,22 @@ def test_cuda_compiled_bf16_equals_dense(divergence):
     [
         ({"chunk_size": 0}, "chunk_size"),
         ({"ce_weight": 1.5}, "ce_weight"),
-        ({"teacher_logits": None}, "teacher_logits"),
+        ({"teacher": None}, "teacher"),
         ({"labels": None, "ce_weight": 0.5}, "labels"),
-        ({"teacher_hidden": torch.zeros(B, T, H_T)}, "teacher_hidden"),
         ({"temperature": 0.0}, "temperature"),
     ],
 )
 def test_value_errors_name_the_argument(kwargs, argument):
     hidden, head, teacher_logits, _, _, labels = make()
-    call = {"teacher_logits": teacher_logits, "labels": labels, **kwargs}
-    with pytest.raises(ValueError, match=f"`{argument}`"):
-        chunked.chunked_distill_loss(hidden, head, call.pop("teacher_logits"), call.pop("labels"), **call)
+    call = {"teacher": teacher_logits, "labels": labels, **kwargs}
+    with pytest.raises(ValueError, match=rf"^{argument} must be "):
+        losses.chunked_distill_loss(hidden, head, call.pop("teacher"), call.pop("labels"), **call)
+
+
+def test_the_teacher_is_one_argument():
+    """Teacher logits and teacher hidden states cannot both be given: the teacher is one argument (logits,
+    TeacherHidden or SparseTargets), and the ``teacher_hidden=`` keyword that took hidden states beside it is
+    refused."""
+    hidden, head, teacher_logits, _, _, labels = make()
+    with pytest.raises(TypeError, match="teacher_hidden"):
+        losses.chunked_distill_loss(hidden, head, teacher_logits, labels, teacher_hidden=torch.zeros(B, T, H_T))
