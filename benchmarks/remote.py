@@ -25,6 +25,7 @@ measured within one run. Writes
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -90,12 +91,14 @@ def start_server(teacher: str, log: Path, prefix: list[str]) -> serving.Server:
         process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     server = serving.Server(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 300
-    while serving.get(f"{server.url}/health")[0] != 200:
+    while True:
+        with contextlib.suppress(OSError):
+            if serving.get(f"{server.url}/health")[0] == 200:
+                return server
         if process.poll() is not None or time.monotonic() > deadline:
             serving.stop(server)
             raise RuntimeError(server.output()[-3000:])
         time.sleep(0.5)
-    return server
 
 
 def setup(args: argparse.Namespace) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from lightning_distill import Performance, SoftDistill
 @pytest.mark.parametrize("kind", ["topk", "sampled"])
 def test_a_store_written_from_the_server_equals_one_written_locally(served_tiny_teacher, tiny_teacher_dir,
                                                                    tmp_path, kind):
-    settings = {"kind": kind, "k": 8, "num_samples": 6, "seed": 3}
+    settings = {"kind": kind, "k": 8, "num_samples": 6, "seed": 3, "splits": ["validation"]}  # 10 blocks
     local = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT,
                         performance=Performance(teacher_dtype="float32"))
     served = SoftDistill(teacher=served_tiny_teacher.url, tokenizer=tiny_teacher_dir, student=TINY_STUDENT)

@@ -14,6 +14,7 @@ REPO = Path(__file__).resolve().parents[2]
 def test_the_served_config_trains_from_a_running_server(served_tiny_teacher, tiny_teacher_dir, tmp_path):
     command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(REPO / "configs" / "served.yaml"),
                "--model.init_args.teacher", served_tiny_teacher.url, "--model.init_args.tokenizer", tiny_teacher_dir,
+               "--data.tokenizer", tiny_teacher_dir,
                "--model.init_args.student", '{"from_teacher": {"layers": 2}}', "--data.block_size", "32",
                "--data.max_documents", "4", "--data.ood_corpus", "null", "--trainer.max_steps", "2",
                "--trainer.val_check_interval", "2", "--trainer.limit_val_batches", "1"]
