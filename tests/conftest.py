@@ -154,3 +154,15 @@ def prepared_corpus(path: Path, tokenizer: str, **kwargs) -> str:
     source = write_jsonl_corpus(path / "source.jsonl")
     settings = {"block_size": 16, "chunk_tokens": 512, "num_workers": 1, **kwargs}
     return prepare_corpus(source, str(path / "prepared"), tokenizer, **settings)
+
+
+def random_logits(seed: int = 0, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (6, 11)):
+    """Student logits, teacher logits (sharper), and labels with two masked positions (the loss tests' inputs)."""
+    from lightning_distill.losses import IGNORE_INDEX
+
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    teacher = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
+    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
+    labels.view(-1)[[1, 4]] = IGNORE_INDEX
+    return student, teacher, labels

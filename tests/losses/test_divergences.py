@@ -10,6 +10,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import random_logits as make
 
 from lightning_distill import losses
 from lightning_distill.losses import divergences, sparse
@@ -29,16 +30,6 @@ CASES = [  # (name, params) covering every divergence, the JSD and skew endpoint
     ("tvd", {}),
 ]
 IDS = [f"{name}-{'-'.join(f'{k}={v}' for k, v in params.items())}" for name, params in CASES]
-
-
-def make(seed: int = 0, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (N, V)):
-    """Student logits, teacher logits (sharper), and labels with two masked positions."""
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    teacher = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
-    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
-    labels.view(-1)[[1, 4]] = losses.IGNORE_INDEX
-    return student, teacher, labels
 
 
 # ------------------------------------------------------------------------- independent float64 reference

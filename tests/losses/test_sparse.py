@@ -7,21 +7,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import random_logits as make
 
 from lightning_distill import losses
 from lightning_distill.losses import sparse
 
 N, V = 6, 11
-
-
-def make(seed: int = 0, dtype: torch.dtype = torch.float32, shape: tuple[int, ...] = (N, V)):
-    """Student logits, teacher logits (sharper), and labels with two masked positions."""
-    g = torch.Generator().manual_seed(seed)
-    student = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
-    teacher = (2 * torch.randn(shape, generator=g, dtype=torch.float64)).to(dtype)
-    labels = torch.randint(0, shape[-1], shape[:-1], generator=g)
-    labels.view(-1)[[1, 4]] = losses.IGNORE_INDEX
-    return student, teacher, labels
 
 
 # ------------------------------------------------------------------------------------------ top-k targets
