@@ -34,6 +34,7 @@ import math
 import os
 import types
 import warnings
+from functools import partial
 from typing import Any
 
 import lightning as L
@@ -60,7 +61,7 @@ from lightning_distill.modules import building
 from lightning_distill.modules import checkpoint as saved
 from lightning_distill.options import Optimization, Performance, Validation
 from lightning_distill.serve.client import is_url
-from lightning_distill.signals import Distribution, LiveTeacher, TeacherSignal
+from lightning_distill.signals import Distribution, LiveTeacher, ServedTeacher, TeacherSignal
 from lightning_distill.signals.sampled import greedy_scores
 
 # A frozen teacher is in eval mode on purpose; Lightning warns about eval-mode modules at fit start.
@@ -324,9 +325,13 @@ class DistillModule(L.LightningModule):
             self.log(key, value, sync_dist=False, prog_bar=key == "val/ppl")
 
     # ----------------------------------------------------------------------------------------------- predict
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Tensor]:
+    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """The teacher's signal of a batch, which :class:`~lightning_distill.store.LabelWriter` stores:
-        ``{"block_idx": (B,), "logits": (B, T, V)}``."""
+        ``{"block_idx": (B,), "logits": (B, T, V)}``; from a served teacher ``"records"`` instead, a function that
+        asks the server for the batch's records in the writer's settings (the server encodes them as the writer
+        would)."""
+        if isinstance(self.signal, ServedTeacher):
+            return {"block_idx": batch["block_idx"], "records": partial(self.signal.label_records, batch)}
         return {"block_idx": batch["block_idx"], "logits": LiveTeacher.logits(self.run, batch)}
 
     # -------------------------------------------------------------------------------------------- optimizer
@@ -391,7 +396,8 @@ def check_served(method: type, teacher: Any, student: Any, tokenizer: str | None
     name = method.__name__
     if not accepted:
         raise ValueError(f"teacher={teacher!r} is a teacher behind a server, which {name} cannot ask (it needs the "
-                         "model itself): use SoftDistill(teacher=...), or name the teacher's model or folder")
+                         "model itself): use SoftDistill(teacher=...) or HardDistill(teacher=..., mode='top1'), or "
+                         "name the teacher's model or folder")
     if isinstance(student, dict) and "from_teacher" in student and tokenizer is None:
         raise ValueError(f"student={student!r} prunes the teacher's weights, but teacher={teacher!r} keeps them on "
                          "the server: name a local copy of the same teacher with tokenizer=NAME (it builds the "

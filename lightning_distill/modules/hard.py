@@ -6,9 +6,10 @@
   taken from each block of the corpus, and the student is trained on the teacher's tokens only.
 
 The tokens come from the signal source: a live teacher (continuations kept on disk and reused across epochs and
-runs), or with ``labels=PATH`` a label store written once by ``lightning-distill predict``: ``top1`` reads the
+runs), with ``labels=PATH`` a label store written once by ``lightning-distill predict`` (``top1`` reads the
 teacher's arg-max from a ``top1``, ``topk`` or ``sampled`` store, ``generate`` each block's continuation from a
-``generate`` store.
+``generate`` store), or for ``top1`` a teacher behind a server (``teacher="http://HOST:PORT"``: each batch's picks
+come with the server's top-``served.k`` answer, prefetched like SoftDistill's).
 """
 
 from __future__ import annotations
@@ -22,8 +23,12 @@ from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.losses import SparseTargets
 from lightning_distill.modules.base import DistillModule
 from lightning_distill.modules.sequences import TeacherSequences
-from lightning_distill.options import Generation, Optimization, Performance, Validation
+from lightning_distill.options import Generation, Optimization, Performance, Served, Validation
+from lightning_distill.serve.client import is_url
 from lightning_distill.signals import LiveTeacher, StoredLabels
+from lightning_distill.signals.served import served_or
+
+SERVED_PICKS = Served(k=1)  # a served teacher's picks: the arg-max travels with its top-1
 
 
 class HardDistill(DistillModule):
@@ -41,15 +46,19 @@ class HardDistill(DistillModule):
         labels: folder of a label store to train from instead of a live teacher: ``top1`` / ``topk`` /
             ``sampled`` for ``mode="top1"``, ``generate`` (same ``prompt_tokens`` and ``max_new_tokens``) for
             ``mode="generate"``.
+        served: ``top1`` with a served teacher: what is asked of the server and how long a failing one is waited
+            for (:class:`~lightning_distill.options.Served`; k=1 by default: only the picks travel).
         optimization: see :class:`DistillModule`.
         train_embeddings: see :class:`DistillModule`.
         performance: see :class:`DistillModule`.
         validation: see :class:`DistillModule`.
     """
 
+    accepts_served_teacher = True
+
     def __init__(
         self,
-        teacher: str | None = DEFAULT_TEACHER,
+        teacher: str | list[str] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         tokenizer: str | None = None,
         mode: Literal["top1", "generate"] = "top1",
@@ -60,12 +69,18 @@ class HardDistill(DistillModule):
         train_embeddings: bool = True,
         performance: Performance = Performance(),
         validation: Validation = Validation(),
+        served: Served = SERVED_PICKS,
     ) -> None:
         checks.choice("mode", mode, ("top1", "generate"))
         checks.number("ce_weight", ce_weight, "in [0, 1]", lambda v: 0 <= v <= 1, "0.0")
         checks.require(isinstance(generation, Generation), "generation", generation, "Generation(...)",
                        "write e.g. generation=Generation(max_new_tokens=64)")
-        signal = StoredLabels(labels) if labels is not None else LiveTeacher(generation.cache_dir)
+        if is_url(teacher) and mode != "top1":
+            raise ValueError(f"mode={mode!r} has the teacher write whole continuations, but teacher={teacher!r} is "
+                             "served, which answers each position's distribution only: set mode='top1', or name the "
+                             "teacher's model or folder")
+        signal = served_or(teacher, labels, served, lambda: StoredLabels(labels) if labels is not None
+                           else LiveTeacher(generation.cache_dir), default=SERVED_PICKS)
         super().__init__(teacher=teacher, student=student, tokenizer=tokenizer, optimization=optimization,
                          train_embeddings=train_embeddings, performance=performance, validation=validation)
         self.signal = signal

@@ -25,7 +25,6 @@ matched to a teacher layer's (recorded during the teacher's forward that gives i
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext
-from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -38,7 +37,8 @@ from lightning_distill.losses import Divergence, ForwardKL, get_divergence
 from lightning_distill.modules.base import DistillModule
 from lightning_distill.options import Features, OnPolicy, Optimization, Performance, Served, Validation
 from lightning_distill.serve.client import is_url
-from lightning_distill.signals import LiveTeacher, ServedTeacher, StoredLabels, StudentSamples, TeacherSignal
+from lightning_distill.signals import LiveTeacher, StoredLabels, StudentSamples, TeacherSignal
+from lightning_distill.signals.served import ServedTeacher, served_or
 
 DivergenceName = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 
@@ -129,20 +129,12 @@ class SoftDistill(DistillModule):
     def signal_for(self, teacher: Any, labels: str | None, tail: str, temperature: float,
                    served: Served) -> TeacherSignal:
         """Where the teacher's distribution comes from: the label store, the server(s), or the live teacher."""
-        checks.require(isinstance(served, Served), "served", served, "Served(...)",
-                       "write served=Served(k=32) (from lightning_distill.options)")
-        if not is_url(teacher):
-            if served != Served():
-                raise ValueError(f"served={served} sets how a teacher server is asked, but teacher={teacher!r} is "
-                                 "not a server's URL: leave served out, or set teacher='http://HOST:PORT'")
-            return StoredLabels(labels, tail) if labels is not None else LiveTeacher()
-        if labels is not None:
-            raise ValueError(f"labels={labels!r} and teacher={teacher!r} are two teacher signals: set labels=None to "
-                             "ask the server, or teacher=None to train from the store")
-        if served.kind == "sampled" and not self.divergence.linear_in_teacher:
+        signal = served_or(teacher, labels, served, lambda: StoredLabels(labels, tail) if labels is not None
+                           else LiveTeacher(), tail=tail, temperature=temperature)
+        if isinstance(signal, ServedTeacher) and served.kind == "sampled" and not self.divergence.linear_in_teacher:
             raise ValueError(f"loss={self.divergence.name!r} has no unbiased estimate from sampled targets: use "
                              "loss='forward_kl', or served.kind='topk'")
-        return ServedTeacher(teacher, served, tail, temperature)
+        return signal
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """A store feeds SoftDistill when it holds soft targets at this temperature for this divergence."""
@@ -176,14 +168,6 @@ class SoftDistill(DistillModule):
                 parts["loss"] = parts["loss"] + self.hparams.features.weight * parts["feature_loss"]
         self.log_train(parts, batch["input_ids"].shape[0])
         return self.backward_loss(parts["loss"], parts["tokens"])
-
-    def predict_step(self, batch: dict[str, Tensor], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
-        """The teacher's signal for the label writer: logits, or from a served teacher ``"records"``, a function
-        that asks the server for the batch's records in the writer's settings (the server encodes them as the
-        writer would)."""
-        if isinstance(self.signal, ServedTeacher):
-            return {"block_idx": batch["block_idx"], "records": partial(self.signal.label_records, batch)}
-        return super().predict_step(batch, batch_idx, dataloader_idx)
 
     # ------------------------------------------------------------------------------------------ feature term
     def make_models(self) -> None:

@@ -205,6 +205,24 @@ class ServedTeacher(TeacherSignal):
         self._vocab_checked = True
 
 
+def served_or(teacher: Any, labels: str | None, served: Served, otherwise: Callable[[], TeacherSignal],
+              default: Served = Served(), tail: str = "bucket", temperature: float = 1.0) -> TeacherSignal:
+    """A method's teacher signal: :class:`ServedTeacher` when ``teacher`` is a server's URL (or a list of them),
+    else ``otherwise()`` (a label store or the live teacher). Refuses, naming both, ``served`` options without a
+    server (anything but the method's ``default``) and a server together with ``labels``."""
+    checks.require(isinstance(served, Served), "served", served, "Served(...)",
+                   "write served=Served(k=32) (from lightning_distill.options)")
+    if not is_url(teacher):
+        if served != default:
+            raise ValueError(f"served={served} sets how a teacher server is asked, but teacher={teacher!r} is not a "
+                             "server's URL: leave served out, or set teacher='http://HOST:PORT'")
+        return otherwise()
+    if labels is not None:
+        raise ValueError(f"labels={labels!r} and teacher={teacher!r} are two teacher signals: set labels=None to ask "
+                         "the server, or teacher=None to train from the store")
+    return ServedTeacher(teacher, served, tail, temperature)
+
+
 class Lookahead:
     """A train loader iterated one batch ahead: each batch is handed to ``ahead`` as soon as it is drawn, one step
     before the step that trains on it. Length and attributes (``sampler``, ``state_dict``) are the loader's.

@@ -13,7 +13,7 @@ import torch
 from conftest import TINY_STUDENT, small_data, tiny_trainer, write_labels
 from lightning.pytorch.callbacks import OnExceptionCheckpoint
 
-from lightning_distill import Performance, Served, SoftDistill
+from lightning_distill import HardDistill, Performance, Served, SoftDistill
 from lightning_distill.serve.client import ServerUnavailableError, TeacherClient
 from lightning_distill.signals import ServedTeacher
 from lightning_distill.signals.served import Lookahead
@@ -61,13 +61,18 @@ class Requests:
 
 
 @pytest.fixture(scope="module")
-def stored_run(tiny_teacher_dir, tmp_path_factory):
-    """The student trained from a top-k store (k = 8) of the tiny teacher, and its validation metrics."""
-    root = tmp_path_factory.mktemp("stored")
+def topk_store(tiny_teacher_dir, tmp_path_factory) -> str:
+    """A top-k store (k = 8) of the tiny teacher."""
     labeller = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT,
                            performance=Performance(teacher_dtype="float32"))
-    store = write_labels(labeller, root / "store", kind="topk", k=K)
-    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, labels=store)
+    return write_labels(labeller, tmp_path_factory.mktemp("topk") / "store", kind="topk", k=K)
+
+
+@pytest.fixture(scope="module")
+def stored_run(tiny_teacher_dir, topk_store, tmp_path_factory):
+    """The student trained from the top-k store, and its validation metrics."""
+    root = tmp_path_factory.mktemp("stored")
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, labels=topk_store)
     trainer = fit(model, root)
     return student_weights(model), {k: v.item() for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
 
@@ -97,6 +102,23 @@ def test_without_prefetch_each_batch_is_asked_when_needed(served_tiny_teacher, t
     fit(model, tmp_path, limit_val_batches=0)
     assert largest_difference(stored_run[0], student_weights(model)) <= 1e-5
     assert (requests.ahead, requests.now) == (0, STEPS)
+
+
+def test_hard_distill_from_a_server_trains_on_the_picks_a_store_gives(served_tiny_teacher, tiny_teacher_dir,
+                                                                       topk_store, tmp_path, monkeypatch):
+    """HardDistill top1 with a served teacher (k=1 by default: only the picks travel) trains the student a top-k
+    store's arg-max trains, prefetched."""
+    requests = Requests(monkeypatch)
+    model = HardDistill(teacher=served_tiny_teacher.url, tokenizer=tiny_teacher_dir, student=TINY_STUDENT)
+    fit(model, tmp_path / "served", limit_val_batches=0)
+    assert isinstance(model.signal, ServedTeacher) and model.signal.options.k == 1 and model.teacher is None
+    stored = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT, labels=topk_store)
+    fit(stored, tmp_path / "stored", limit_val_batches=0)
+    assert largest_difference(student_weights(stored), student_weights(model)) <= 1e-5
+    untrained = HardDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT)
+    untrained.configure_model()
+    assert largest_difference(student_weights(untrained), student_weights(model)) > 1e-4
+    assert (requests.ahead, requests.now) == (STEPS + 1, 0)
 
 
 def test_a_resumed_run_ends_where_an_uninterrupted_one_does(served_tiny_teacher, tiny_teacher_dir, stored_run,
