@@ -18,6 +18,14 @@ every other row. Their storage column is the size of the store on disk per token
 empty generation cache (their wall time includes generating) and report how repetitive the teacher's
 continuations are.
 
+Cross-tokenizer rows (``cross_*``): the same 6-layer student on its own tokenizer (``builtin:python-docs-bpe-4k``,
+a 4k byte-level BPE trained here; each new token's embedding starts from the teacher's embeddings of its text), at
+equal steps: CE only, ULD, and the GOLD-style loss (docs/cross_tokenizer.md). Per-token perplexities of two
+tokenizers do not compare, so every row also reports bits per byte (the summed cross-entropy of the validation
+targets over their UTF-8 bytes, EOS counted as one byte), which the second table lists:
+
+    python benchmarks/quality.py --budgets short --methods ce_only,cross_ce_only,cross_uld,cross_gold
+
 ``soft_fkl_features`` adds feature distillation (each student layer's hidden states matched to the teacher layer
 it was copied from, cosine loss, ``features=Features(weight=1.0)``); ``soft_fkl_importance`` keeps the 6 teacher
 layers of highest Block Influence instead of 6 evenly spaced ones (:mod:`lightning_distill.pruning`).
@@ -32,6 +40,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import platform
 import shutil
@@ -46,6 +55,7 @@ import torch
 
 from lightning_distill import CoDistill, DistillDataModule, HardDistill, SoftDistill
 from lightning_distill import metrics as val_metrics
+from lightning_distill.alignment import TokenPieces
 from lightning_distill.backbone import Run, bf16_is_fast
 from lightning_distill.callbacks import ReuseFreedMemory
 from lightning_distill.losses import Divergence, GeneralizedJSD
@@ -63,6 +73,7 @@ from lightning_distill.store import LabelWriter
 
 RESULTS = Path(__file__).parent / "results"
 VOCAB_BYTES_FP32 = 49152 * 4
+CROSS_STUDENT = {"from_teacher": {"layers": 6, "tokenizer": "builtin:python-docs-bpe-4k"}}
 
 
 @dataclass
@@ -117,6 +128,12 @@ def default_methods() -> dict[str, Method]:
                                      "4 B (log-prob of each sampled token)"),
         "onpolicy_token_1": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, loss="sampled_token", **ON_POLICY)},
                                    "4 B (log-prob of each sampled token)"),
+        "cross_ce_only": Method(soft, {"student": CROSS_STUDENT, "loss": "uld", "ce_weight": 1.0},
+                                "nothing (no teacher); student on its own 4k tokenizer", uses_frozen_teacher=False),
+        "cross_uld": Method(soft, {"student": CROSS_STUDENT, "loss": "uld"},
+                            "live logits on the teacher's own tokens (ULD)", uses_frozen_teacher=False),
+        "cross_gold": Method(soft, {"student": CROSS_STUDENT, "loss": "gold"},
+                             "live logits on the teacher's own tokens (GOLD-style)", uses_frozen_teacher=False),
         "soft_topk32_stored": Method(soft, {}, "top-32 store", store={"kind": "topk", "k": 32}),
         "soft_sampled12_stored": Method(soft, {}, "12-draw sampled store",
                                         store={"kind": "sampled", "num_samples": 12}),
@@ -152,6 +169,7 @@ class History(L.Callback):
         self.rows: list[dict[str, float]] = []
         self.train_seconds = 0.0
         self._start = 0.0
+        self.bytes_per_token: dict[str, float] = {}  # per validation loader prefix, of the module's tokenizer
 
     def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
         self._start = time.perf_counter()
@@ -163,8 +181,34 @@ class History(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if trainer.sanity_checking:
             return
+        if not self.bytes_per_token:
+            self.bytes_per_token = validation_bytes_per_token(trainer, pl_module.tokenizer)
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith(("val/", "val_ood/"))}
+        for prefix, per_token in self.bytes_per_token.items():  # nats per token -> bits per byte
+            for name in ("ce", "teacher_ce"):
+                if f"{prefix}/{name}" in metrics and (name == "ce" or pl_module.compares_vocabularies()):
+                    metrics[f"{prefix}/{name.replace('ce', 'bpb')}"] = metrics[f"{prefix}/{name}"] / math.log(2) \
+                        / per_token
         self.rows.append({"step": trainer.global_step, "train_s": self.train_seconds, **metrics})
+
+
+def validation_bytes_per_token(trainer: L.Trainer, tokenizer: Any) -> dict[str, float]:
+    """UTF-8 bytes per target token (EOS and other special tokens: 1 byte) of the validation batches the trainer
+    evaluates (``limit_val_batches`` of each loader), under ``tokenizer``: ``{"val": ..., "val_ood": ...}``."""
+    sizes = [len(p) if p is not None else 1 for p in TokenPieces(tokenizer, "tokenizer").pieces]
+    loaders = trainer.val_dataloaders if isinstance(trainer.val_dataloaders, list) else [trainer.val_dataloaders]
+    limits = trainer.num_val_batches
+    found = {}
+    for prefix, loader, limit in zip(("val", "val_ood"), loaders, limits, strict=False):
+        nbytes = tokens = 0
+        for i, batch in enumerate(loader):
+            if i >= limit:
+                break
+            targets = batch["labels"][:, 1:].reshape(-1)
+            targets = targets[targets >= 0].tolist()
+            nbytes, tokens = nbytes + sum(sizes[t] if t < len(sizes) else 1 for t in targets), tokens + len(targets)
+        found[prefix] = nbytes / max(tokens, 1)
+    return found
 
 
 class TeacherCache:
@@ -256,7 +300,8 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
     wall = time.perf_counter() - start
     final = history.rows[-1]
     print(f"[quality] {name}: in-domain ppl {final['val/ppl']:.1f}, ood ppl {final['val_ood/ppl']:.1f}, "
-          f"kl {final['val/kl']:.3f}, agreement {final['val/agreement']:.3f}, {wall:.0f} s", flush=True)
+          f"bits/byte {final['val/bpb']:.3f} / {final['val_ood/bpb']:.3f}, kl {final.get('val/kl', math.nan):.3f}, "
+          f"agreement {final.get('val/agreement', math.nan):.3f}, {wall:.0f} s", flush=True)
     storage = method.storage if store is None else f"{method.storage}: {store['bytes_per_token']:,.0f} B on disk"
     row = {"method": name, "storage": storage, "wall_s": wall, "final": final, "history": history.rows,
            "train_blocks": len(data.train_blocks)}
@@ -292,17 +337,20 @@ def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict
                   "| method | ppl in domain | ppl Shakespeare | KL(teacher‖student) | top-1 agreement | "
                   "teacher storage / token | train wall time |",
                   "|---|---:|---:|---:|---:|---|---:|"]
-        teacher = rows[0]["final"]
-        lines.append(f"| *teacher* | {teacher['val/teacher_ppl']:.1f} | {teacher['val_ood/teacher_ppl']:.1f} | 0 | 1 "
-                     "| | |")
-        start = rows[0]["history"][0]
-        lines.append(f"| *student as pruned* | {start['val/ppl']:.3g} | {start['val_ood/ppl']:.3g} | "
-                     f"{start['val/kl']:.2f} | {start['val/agreement']:.3f} | | |")
-        for row in rows:
+        same = [row for row in rows if "val/kl" in row["final"]]  # the teacher's tokenizer: id-by-id metrics
+        teacher = same[0]["final"] if same else {}
+        if same:
+            lines.append(f"| *teacher* | {teacher['val/teacher_ppl']:.1f} | {teacher['val_ood/teacher_ppl']:.1f} | 0 "
+                         "| 1 | | |")
+            start = same[0]["history"][0]
+            lines.append(f"| *student as pruned* | {start['val/ppl']:.3g} | {start['val_ood/ppl']:.3g} | "
+                         f"{start['val/kl']:.2f} | {start['val/agreement']:.3f} | | |")
+        for row in same:
             f = row["final"]
             lines.append(f"| {row['method']} | {f['val/ppl']:.1f} | {f['val_ood/ppl']:.1f} | {f['val/kl']:.3f} | "
                          f"{f['val/agreement']:.3f} | {row['storage']} | {row['wall_s']:.0f} s |")
         lines.append("")
+        lines += bits_per_byte_view(rows, teacher)
         lines += on_policy_view(rows)
         for row in rows:
             if "generations" in row:
@@ -311,6 +359,25 @@ def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict
                              f"{g['distinct_4grams']:.0%} distinct 4-grams within a continuation on average.")
         lines.append("")
     return "\n".join(lines)
+
+
+def bits_per_byte_view(rows: list[dict[str, Any]], teacher: dict[str, float]) -> list[str]:
+    """Every row in bits per byte (comparable across tokenizers), in domain and on Shakespeare, at equal steps."""
+    if not all("val/bpb" in row["final"] for row in rows):
+        return []
+    lines = ["Bits per byte of the held-out text (comparable across tokenizers; `cross_*` students read with their "
+             "own 4k BPE), at equal steps:", "", "| method | student tokenizer | bits/byte Python docs | "
+             "bits/byte Shakespeare | as pruned (docs / Shakespeare) | train wall time |",
+             "|---|---|---:|---:|---:|---:|"]
+    if "val/teacher_bpb" in teacher:
+        lines.append(f"| *teacher* | SmolLM2 (49k) | {teacher['val/teacher_bpb']:.3f} | "
+                     f"{teacher['val_ood/teacher_bpb']:.3f} | | |")
+    for row in rows:
+        f, start = row["final"], row["history"][0]
+        own = "4k BPE (own)" if row["method"].startswith("cross_") else "SmolLM2 (49k)"
+        lines.append(f"| {row['method']} | {own} | {f['val/bpb']:.3f} | {f['val_ood/bpb']:.3f} | "
+                     f"{start['val/bpb']:.2f} / {start['val_ood/bpb']:.2f} | {row['wall_s']:.0f} s |")
+    return [*lines, ""]
 
 
 def on_policy_view(rows: list[dict[str, Any]]) -> list[str]:
@@ -351,7 +418,9 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
                 color = colors[(2 * i) % 20 + (2 * i) // 20]  # the dark shades first, then the light ones
                 ax.plot([h["step"] for h in history], [h[key] for h in history], marker="o", markersize=3,
                         color=color, ls="--" if row["method"].endswith("_stored") else "-", label=row["method"])
-            ax.axhline(rows[0]["final"][key.replace("/ppl", "/teacher_ppl")], color="k", ls=":", label="teacher")
+            teacher = next((r["final"] for r in rows if key.replace("/ppl", "/teacher_ppl") in r["final"]), None)
+            if teacher is not None:
+                ax.axhline(teacher[key.replace("/ppl", "/teacher_ppl")], color="k", ls=":", label="teacher")
             ax.set_yscale("log")
             ax.set_xlabel("optimizer step")
             ax.set_ylabel("validation perplexity")

@@ -36,7 +36,7 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from lightning_distill import pruning
+from lightning_distill import bpe, pruning
 
 DEFAULT_TEACHER = "builtin:smollm2-135m-instruct"
 PROBE_TEXT = "Knowledge distillation: def f(x):\n    return x ** 2  # naïve café, 東京, 3.14159 <tag/>"
@@ -75,8 +75,11 @@ def resolve_model_path(name: str, role: str = "model") -> str:
     if not isinstance(name, str) or not name:
         raise ValueError(f"{role} must be a model name (builtin:..., a Hugging Face id or a folder), got {name!r}")
     if name.startswith("builtin:"):
+        if name in bpe.BUILTIN_TOKENIZERS:  # a tokenizer only, trained here (a student's own, lightning_distill.bpe)
+            return str(bpe.built_tokenizer(name))
         if name not in BUILTIN_MODELS:
-            raise ValueError(f"{role}={name!r} is an unknown builtin model; known: {sorted(BUILTIN_MODELS)}")
+            raise ValueError(f"{role}={name!r} is an unknown builtin model; known: {sorted(BUILTIN_MODELS)} "
+                             f"(and the tokenizers {sorted(bpe.BUILTIN_TOKENIZERS)})")
         return str(_converted_builtin(name, BUILTIN_MODELS[name]))
     path = Path(name).expanduser()
     if path.is_dir():
@@ -337,6 +340,54 @@ def tokenizer_fingerprint(tokenizer: PreTrainedTokenizerBase) -> str:
     vocab = sorted(tokenizer.get_vocab().items())
     payload = json.dumps([vocab, tokenizer.all_special_tokens, tokenizer.encode(PROBE_TEXT)], ensure_ascii=False)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+#: config fields that say where or with which version a model was saved, not which model it is
+VOLATILE_CONFIG = ("_name_or_path", "transformers_version")
+SAMPLE_BYTES = 2**20  # bytes read from each end of each weight file by teacher_fingerprint
+
+
+def teacher_fingerprint(name: Any) -> dict[str, str] | None:
+    """Which teacher ``name`` is, as a label store records it, read from its files without loading it:
+    ``{"name", "config", "weights"}``, ``config`` a hash of its ``config.json`` (without :data:`VOLATILE_CONFIG`),
+    ``weights`` a hash of each weight file's name, size, and first and last MiB (a safetensors file begins with a
+    header naming every tensor, its dtype, shape and place; the bytes sampled are weights). The same files give the
+    same fingerprint wherever they are; another model, or other weights of the same architecture, another. ``None``
+    when ``name`` is not a model this machine has files of (a Hub id not downloaded, a random CoDistill teacher)."""
+    if not isinstance(name, str) or not name:
+        return None
+    if name in BUILTIN_MODELS and not (cache_dir() / "models" / name.removeprefix("builtin:") / "config.json").exists():
+        return None  # never converted here (so never labelled here): not worth converting to compare
+    try:
+        folder = Path(resolve_model_path(name, "teacher"))
+        if not folder.is_dir():  # a Hub id: its downloaded snapshot, if there is one
+            from huggingface_hub import snapshot_download
+
+            folder = Path(snapshot_download(name, local_files_only=True))
+    except Exception:  # not on this machine: nothing to compare
+        return None
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    config = {k: v for k, v in json.loads(config_file.read_text()).items() if k not in VOLATILE_CONFIG}
+    weights = hashlib.sha256()
+    for file in sorted([*folder.glob("*.safetensors"), *folder.glob("*.bin")]):
+        size = file.stat().st_size
+        weights.update(f"{file.name}:{size}".encode())
+        with open(file, "rb") as handle:
+            weights.update(handle.read(SAMPLE_BYTES))
+            handle.seek(max(size - SAMPLE_BYTES, 0))
+            weights.update(handle.read(SAMPLE_BYTES))
+    return {"name": name, "config": hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16],
+            "weights": weights.hexdigest()[:16]}
+
+
+def same_teacher(a: dict[str, Any] | None, b: dict[str, Any] | None) -> bool:
+    """Whether two :func:`teacher_fingerprint` are of the same model (unknown, e.g. a vLLM server's, counts as the
+    same: nothing to compare); the names may differ (a moved folder)."""
+    if a is None or b is None or a.get("config") is None or b.get("config") is None:
+        return True
+    return (a.get("config"), a.get("weights")) == (b.get("config"), b.get("weights"))
 
 
 def count_parameters(model: nn.Module) -> int:

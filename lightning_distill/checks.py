@@ -8,6 +8,7 @@ the two mistakes a YAML file makes).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -27,7 +28,8 @@ def require(ok: bool, name: str, value: Any, expected: str, fix: str = "") -> No
 
 
 def number(name: str, value: Any, rule: str, ok: Callable[[float], bool], example: str = "") -> float:
-    """``value`` as a float when it is a real number (not a bool, not a string, not NaN) for which ``ok`` holds.
+    """``value`` as a float when it is a real number (not a bool, not a string, not NaN or infinite) for which ``ok``
+    holds.
 
     Args:
         name: the argument's name, as the user writes it.
@@ -40,7 +42,7 @@ def number(name: str, value: Any, rule: str, ok: Callable[[float], bool], exampl
     if isinstance(value, str):
         raise ValueError(f"{name} must be a number {rule}, got the string {value!r}: write it without quotes"
                          f"{suggestion}")
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != value or not ok(value):
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be a number {rule}, got {value!r}{suggestion}")
     return float(value)
 

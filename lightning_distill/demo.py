@@ -21,6 +21,7 @@ import torch
 from rich.console import Console
 from rich.table import Table
 
+from lightning_distill import checks
 from lightning_distill.backbone import bf16_is_fast
 from lightning_distill.callbacks import reuse_freed_memory
 from lightning_distill.data import DistillDataModule
@@ -47,7 +48,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split")
     parser.add_argument("--out", default="runs/demo", help="where the checkpoint and the exported student go")
     parser.add_argument("--teacher", default="builtin:smollm2-135m-instruct")
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    for name in ("steps", "batch_size", "val_batches"):  # the rest is checked by the objects they build
+        checks.integer(f"--{name.replace('_', '-')}", getattr(args, name), ">= 1", lambda v: v >= 1)
+    return args
 
 
 def validate(trainer: L.Trainer, model: SoftDistill, data: DistillDataModule) -> dict[str, float]:

@@ -50,13 +50,33 @@ def evenly_spaced(total: int, keep: int) -> list[int]:
 def from_teacher(teacher: PreTrainedModel, options: dict[str, Any] | None,
                  tokenizer: PreTrainedTokenizerBase | None = None) -> PreTrainedModel:
     """The student of ``{"from_teacher": options}``: the layers :func:`select_layers` picks, copied by
-    :func:`prune_layers`."""
+    :func:`prune_layers`; with ``"tokenizer": NAME``, on that tokenizer instead of the teacher's
+    (:func:`lightning_distill.transplant.transplant`; ``tokenizer`` is then the teacher's, which reads each new
+    token's text)."""
     options = dict(options or {})
     layers = options.pop("layers", None)
     select = options.pop("select", "evenly")
+    own = options.pop("tokenizer", None)
     if options:
-        raise ValueError(f"student.from_teacher accepts only 'layers' and 'select', got extra keys {sorted(options)}")
-    return prune_layers(teacher, select_layers(teacher, layers, select, tokenizer))
+        raise ValueError(f"student.from_teacher accepts only 'layers', 'select' and 'tokenizer', got extra keys "
+                         f"{sorted(options)}")
+    student = prune_layers(teacher, select_layers(teacher, layers, select, tokenizer))
+    if own is None:
+        return student
+    require(isinstance(own, str) and bool(own), "student.from_teacher.tokenizer", own,
+            "a model name or folder whose tokenizer the student uses (e.g. 'builtin:python-docs-bpe-4k')")
+    if tokenizer is None:
+        raise ValueError("student.from_teacher.tokenizer starts each new token from the teacher's embeddings of its "
+                         "text: pass the teacher's tokenizer (build_student(spec, teacher, tokenizer))")
+    from lightning_distill.transplant import transplant  # here: transplant reads tokenizers through backbone
+
+    return transplant(student, tokenizer, own)
+
+
+def own_tokenizer(spec: Any) -> str | None:
+    """The tokenizer a ``{"from_teacher": {..., "tokenizer": NAME}}`` student spec names, else ``None``."""
+    options = spec.get("from_teacher") if isinstance(spec, dict) else None
+    return options.get("tokenizer") if isinstance(options, dict) else None
 
 
 def select_layers(teacher: PreTrainedModel, layers: int | list[int] | None, select: str = "evenly",

@@ -48,6 +48,20 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def tiny_student_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """Path of a second tokenizer for cross-tokenizer students of the tiny teacher: a byte-level BPE of 512 tokens
+    trained on other documents than the teacher's (``<|endoftext|>`` its EOS), so the vocabularies share some tokens
+    and not others."""
+    from pydoc_data.topics import topics
+
+    from lightning_distill.bpe import train_byte_level_bpe
+
+    path = tmp_path_factory.mktemp("tiny_student_tokenizer")
+    train_byte_level_bpe([topics[name] for name in sorted(topics)][20:40], 512).save_pretrained(path)
+    return str(path)
+
+
+@pytest.fixture(scope="session")
 def served_tiny_teacher(tiny_teacher_dir: str, tmp_path_factory: pytest.TempPathFactory):
     """A real ``lightning-distill serve`` process of the tiny teacher on a free loopback port (float32), with an API
     key that the session's clients read from ``$LIGHTNING_DISTILL_API_KEY``; shared by the session's tests and

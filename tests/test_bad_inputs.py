@@ -4,6 +4,7 @@ training step; and the CLI shows such a message without a traceback. Rerunning a
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -11,7 +12,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import TINY_STUDENT, tiny_data, tiny_trainer, write_labels
+from conftest import TINY_STUDENT, make_tiny_model_dir, small_data, tiny_data, tiny_trainer, write_labels
 
 from lightning_distill import (
     CoDistill,
@@ -29,7 +30,9 @@ from lightning_distill import (
 )
 from lightning_distill.callbacks import ExportStudent, OfflineFirstWandbLogger, SampleTable
 from lightning_distill.cli import export, load_checkpoint, main
+from lightning_distill.cli import run as cli_run
 from lightning_distill.data.sampler import ResumableSampler
+from lightning_distill.demo import parse as demo_parse
 from lightning_distill.losses import GeneralizedJSD
 from lightning_distill.serve.command import build as build_server
 from lightning_distill.serve.command import parser as serve_parser
@@ -81,6 +84,48 @@ def without_cuda(make):
 
 def generating(ctx: Ctx, **kwargs) -> HardDistill:
     return HardDistill(teacher=ctx.teacher, student=TINY_STUDENT, mode="generate", **kwargs)
+
+
+TINY_SOFT = str(ROOT / "configs" / "tiny" / "soft.yaml")
+
+
+def cli(ctx: Ctx, *words: str, command: str = "fit") -> None:
+    """``lightning-distill COMMAND`` with the tiny SoftDistill config and these words (errors raised, not printed)."""
+    cli_run([command, "--config", TINY_SOFT, "--model.init_args.teacher", ctx.teacher, *words])
+
+
+def soft_checkpoint(ctx: Ctx) -> str:
+    """A checkpoint of the tiny SoftDistill (2-layer student) after one step."""
+    trainer = tiny_trainer(ctx.tmp, max_steps=1, limit_val_batches=0)
+    trainer.fit(soft(ctx), tiny_data())
+    trainer.save_checkpoint(ctx.tmp / "soft.ckpt")
+    return str(ctx.tmp / "soft.ckpt")
+
+
+def resume(model, checkpoint: str) -> None:
+    """Go on with a fit from ``checkpoint`` (refused before the first step)."""
+    tiny_trainer(Path(os.getcwd()), max_steps=2).fit(model, tiny_data(), ckpt_path=checkpoint)
+
+
+def truncated(path: str) -> str:
+    data = Path(path).read_bytes()
+    Path(path).write_bytes(data[: len(data) // 2])
+    return path
+
+
+def store(ctx: Ctx, teacher: str | None = None, splits: tuple[str, ...] = ("validation",),
+          **manifest_changes) -> str:
+    """A small top-k store labelled by ``teacher`` (default the tiny one), its manifest then edited."""
+    path = Path(write_labels(SoftDistill(teacher=teacher or ctx.teacher, student=TINY_STUDENT), ctx.tmp / "store",
+                             kind="topk", k=8, splits=list(splits)))
+    manifest = read_manifest(path)
+    (path / "manifest.json").write_text(json.dumps({**manifest, **manifest_changes}))
+    return str(path)
+
+
+def other_teacher(ctx: Ctx) -> str:
+    """A teacher of the same architecture and tokenizer as the tiny one, other weights."""
+    return str(make_tiny_model_dir(ctx.tmp / "other_teacher", seed=1))
 
 
 # (id, what is done with the bad input, the error's message: it names the argument and the value)
@@ -338,6 +383,50 @@ BAD_INPUTS = [
      r"--dtype must be one of 'auto', 'bfloat16', 'float16', 'float32', got 'float8'"),
     ("serve api key blank", lambda c: build_server(serve_parser().parse_args(["--api-key", " "])),
      r"--api-key must be a non-empty key, got ' '"),
+    # --- nothing silently wrong, part two (issue #23): accepted silently or unclear before
+    ("learning_rate 1e12 (the loss becomes NaN)",
+     lambda c: tiny_trainer(c.tmp, max_steps=4, limit_val_batches=0).fit(
+         soft(c, optimization=Optimization(learning_rate=1e12, warmup_steps=0)), tiny_data()),
+     r"became NaN or infinite in step 2: the run stops before that step changes the weights.*"
+     r"optimization.learning_rate=1e\+12"),
+    ("max_steps 0", lambda c: cli(c, "--trainer.max_steps", "0"),
+     r"--trainer.max_steps must be an integer >= 1, or -1 for no limit .*got 0"),
+    ("max_steps -5", lambda c: cli(c, "--trainer.max_steps", "-5"), r"--trainer.max_steps must be an integer >= 1.*"
+                                                                     r"got -5"),
+    ("devices 0", lambda c: cli(c, "--trainer.devices", "0"),
+     r"--trainer.devices must be an integer >= 1, or -1 for every device, got 0"),
+    ("accumulate_grad_batches 0", lambda c: cli(c, "--trainer.accumulate_grad_batches", "0"),
+     r"--trainer.accumulate_grad_batches must be an integer >= 1, got 0"),
+    ("a mistyped option is not prefix-matched", lambda c: cli(c, "--trainer.max_step", "3"),
+     r"unknown option\(s\): --trainer.max_step \(did you mean --trainer.max_steps\?\): options are matched exactly"),
+    ("temperature inf (CLI)", lambda c: cli(c, "--model.init_args.temperature", "inf"),
+     r"--model.init_args.temperature must be a finite number, got 'inf'$"),
+    ("temperature nan (CLI)", lambda c: cli(c, "--model.init_args.temperature", "nan"),
+     r"--model.init_args.temperature must be a finite number, got 'nan'$"),
+    ("temperature inf", lambda c: soft(c, temperature=float("inf")), r"temperature must be a number > 0, got inf"),
+    ("on_policy loss unknown (CLI)", lambda c: cli(c, "--model.init_args.on_policy.loss", "kl"),
+     r"--model.init_args.on_policy.loss must be one of 'forward_kl', 'reverse_kl'.* or a class path .*got 'kl'$"),
+    ("predict without a label writer", lambda c: cli(c, command="predict"),
+     r"predict labels a corpus into a label store through a LabelWriter callback, and this config has none"),
+    ("ckpt_path a text file", lambda c: cli(c, "--ckpt_path", c.file("notes.txt", "hello")),
+     r"--ckpt_path='.*notes.txt' is not a PyTorch checkpoint"),
+    ("ckpt_path a truncated checkpoint", lambda c: cli(c, "--ckpt_path", truncated(soft_checkpoint(c))),
+     r"--ckpt_path='.*soft.ckpt' is not a PyTorch checkpoint"),
+    ("resume a SoftDistill checkpoint as HardDistill",
+     lambda c: resume(HardDistill(teacher=c.teacher, student=TINY_STUDENT), soft_checkpoint(c)),
+     r"this checkpoint was written by SoftDistill, not HardDistill"),
+    ("resume a 2-layer checkpoint with a 3-layer student",
+     lambda c: resume(soft(c, student={"from_teacher": {"layers": 3}}), soft_checkpoint(c)),
+     r"this checkpoint's student has num_hidden_layers=2, the model being restored num_hidden_layers=3"),
+    ("demo steps negative", lambda c: demo_parse(["--steps", "-1"]), r"--steps must be an integer >= 1, got -1"),
+    ("export into a folder that holds files",
+     lambda c: c.file("notes.txt") and export(["--ckpt", soft_checkpoint(c), "--out", str(c.tmp)]),
+     r"--out='.*' already holds files \(.*notes.txt.*\): export into a new or empty folder, or pass --overwrite"),
+    ("label store manifest with an edited k", lambda c: fit(soft(c, labels=store(c, k=16)), small_data()),
+     r"manifest.json says kind='topk', k=16, .* but its records are laid out as .*: the manifest was edited"),
+    ("label store of another teacher", lambda c: fit(soft(c, labels=store(c, teacher=other_teacher(c))), small_data()),
+     r"labels='.*store' was labelled by teacher '.*other_teacher' \(config \w+, weights \w+\), and teacher='.*' is "
+     r"another model .*pass labels_any_teacher=True"),
 ]
 
 
@@ -380,3 +469,30 @@ def test_the_cli_shows_a_bad_argument_without_a_traceback(tiny_teacher_dir, tmp_
     with pytest.raises(SystemExit) as exit_:
         main(["export", "--ckpt", "missing.ckpt", "--out", "x"])
     assert exit_.value.code == 2 and "--ckpt='missing.ckpt' does not exist" in capsys.readouterr().err
+
+
+def test_a_parse_error_is_one_message_without_the_usage_dump(tiny_teacher_dir, tmp_path, monkeypatch, capsys):
+    """jsonargparse would print its ~80-line usage around the message; the CLI prints the message alone. A dotted
+    key inside the student's dict is read as YAML (an integer), as in a config file."""
+    from lightning_distill.cli import DistillCLI
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("LIGHTNING_DISTILL_TRACEBACK", raising=False)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", TINY_SOFT, "--model.init_args.teacher", tiny_teacher_dir,
+              "--model.init_args.temperature", "nan"])
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "usage:" not in error and len(error.strip().splitlines()) == 2, error
+    cli = DistillCLI(args=["--config", TINY_SOFT, "--model.init_args.teacher", tiny_teacher_dir,
+                           "--model.init_args.student.from_teacher.layers", "3"], run=False)
+    assert cli.model.hparams.student == {"from_teacher": {"layers": 3}}
+
+
+def test_a_store_of_another_teacher_trains_when_asked(tiny_teacher_dir, tmp_path, monkeypatch):
+    """labels_any_teacher=True is the explicit way to train a student pruned from one teacher on another's labels."""
+    monkeypatch.chdir(tmp_path)
+    ctx = Ctx(tiny_teacher_dir, tmp_path)
+    labels = store(ctx, teacher=other_teacher(ctx), splits=("train", "validation"))
+    model = soft(ctx, labels=labels, labels_any_teacher=True)
+    tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(model, small_data())
+    assert model.trainer.global_step == 1

@@ -89,7 +89,7 @@ def test_explicit_layer_list(teacher_and_tokenizer):
     ({"layers": [2, 1]}, r"student.from_teacher.layers must be in increasing order.*write \[1, 2\]"),
     ({"layers": []}, r"student.from_teacher.layers must be a list of teacher layer indices"),
     ({"layers": [0, 2], "select": "importance"}, r"select='importance' chooses among a number of layers"),
-    ({"layers": 2, "order": 1}, r"accepts only 'layers' and 'select', got extra keys \['order'\]"),
+    ({"layers": 2, "order": 1}, r"accepts only 'layers', 'select' and 'tokenizer', got extra keys \['order'\]"),
 ])
 def test_bad_selection_names_the_argument(teacher_and_tokenizer, options, message):
     teacher, tokenizer = teacher_and_tokenizer

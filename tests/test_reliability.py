@@ -1,12 +1,15 @@
 """Nothing lost, nothing silently wrong (issue #11): a run stopped at any step and resumed from its checkpoint ends
 where the uninterrupted run ends, for every method, mid-epoch and at an epoch boundary, on 1 rank and on 2 DDP CPU
 ranks; Ctrl+C during ``lightning-distill fit`` saves a checkpoint and a partial student, and the run resumes from
-it; a checkpoint loads and exports with the teacher's folder gone."""
+it; a checkpoint loads and exports with the teacher's folder gone. Issue #23: SIGTERM saves and exits 143; a rerun
+never overwrites an earlier run and ``last`` is the latest step; a non-finite loss stops before it reaches the
+weights; what the command line says wins over a checkpoint file; a truncated corpus chunk is refused."""
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -18,7 +21,7 @@ import lightning as L
 import pytest
 import torch
 import yaml
-from conftest import TINY_STUDENT, make_tiny_model_dir
+from conftest import TINY_STUDENT, make_tiny_model_dir, prepared_corpus, requires_litdata
 from lightning.pytorch.callbacks import ModelCheckpoint, OnExceptionCheckpoint
 
 from lightning_distill import (
@@ -248,3 +251,126 @@ def test_ctrl_c_during_cli_fit_saves_and_the_run_resumes(tiny_teacher_dir, corpu
     assert not (tmp_path / "student" / "PARTIAL").exists()  # the finished run's export replaced the partial one
     runs = sorted(p.name for p in (tmp_path / "wandb").glob("offline-run-*"))
     assert len(runs) == 2 and all(name.endswith(run_id) for name in runs)  # one W&B run, continued
+
+
+# ------------------------------------------------------------------ nothing silently wrong, part two (issue #23)
+def test_sigterm_saves_like_ctrl_c_exits_143_and_a_rerun_never_overwrites(tiny_teacher_dir, corpus, tmp_path,
+                                                                          monkeypatch, capsys):
+    """SIGTERM (a scheduler's pre-emption) stops after the step under way with a checkpoint and a partial student,
+    and the exit status says so (143 = 128 + SIGTERM, not 0); the same command again without --ckpt_path is refused
+    instead of overwriting that run; ``last`` is the checkpoint of the latest step, not the newest file."""
+    from lightning_distill.cli import SIGTERM_EXIT, last_checkpoint, main
+
+    config = interruptible_config(tmp_path, tiny_teacher_dir, corpus)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
+    command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(config)]
+    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    deadline = time.monotonic() + 240
+    while not last.exists() and run.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert last.exists(), run.communicate(timeout=60)[0][-3000:] if run.poll() is not None else "no checkpoint"
+    run.send_signal(signal.SIGTERM)
+    output = run.communicate(timeout=120)[0]
+    assert run.returncode == SIGTERM_EXIT == 143, output[-3000:]
+    assert "stopped by SIGTERM" in output and "Traceback" not in output
+    step = torch.load(last, weights_only=False)["global_step"]
+    partial = json.loads((tmp_path / "student" / "PARTIAL").read_text())
+    assert step >= 2 and partial["step"] == step and "SIGTERM" in partial["reason"]
+
+    student = {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir()}
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exit_:
+        main(["fit", "--config", str(config)])  # the same command again, without --ckpt_path
+    error = capsys.readouterr().err
+    assert exit_.value.code == 2 and "would overwrite an earlier run's results" in error
+    assert f"step {step}" in error and "--ckpt_path last" in error
+    assert {p.name: p.read_bytes() for p in (tmp_path / "student").iterdir()} == student  # untouched
+
+    early = tmp_path / "checkpoints" / "last-v1.ckpt"  # a newer file of an earlier step (a rerun that started over)
+    saved = torch.load(last, weights_only=False)
+    torch.save({**saved, "global_step": 1}, early)
+    assert early.stat().st_mtime >= last.stat().st_mtime
+    assert last_checkpoint(yaml.safe_load(config.read_text())) == str(last)
+
+
+def test_a_non_finite_loss_stops_at_once_and_keeps_the_last_good_weights(tiny_teacher_dir, corpus, tmp_path):
+    """learning_rate 1e12 makes step 2's loss NaN: the run stops before that step's update, with a ValueError that
+    says what happened; the checkpoint and the exported (partial) student hold step 1's weights, all finite."""
+    from lightning_distill.callbacks import ExportStudent
+    from lightning_distill.modules.base import NonFiniteLossError
+
+    model = SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT,
+                        optimization=Optimization(learning_rate=1e12, warmup_steps=0))
+    saver = ModelCheckpoint(str(tmp_path / "ckpt"), save_last=True, save_on_exception=True)
+    export = ExportStudent(str(tmp_path / "student"))
+    trainer = trainer_for(tmp_path, Record(), callbacks=[saver, export], limit_val_batches=0)
+    with pytest.raises(NonFiniteLossError, match=r"NaN or infinite in step 2.*which stay those of step 1.*"
+                                                 r"learning_rate=1e\+12"):
+        trainer.fit(model, data(corpus))
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 1 == json.loads((tmp_path / "student" / "PARTIAL").read_text())["step"]
+    assert all(torch.isfinite(v).all() for v in saved["state_dict"].values() if v.is_floating_point())
+    from safetensors.torch import load_file
+
+    exported = load_file(tmp_path / "student" / "model.safetensors")
+    assert all(torch.isfinite(v).all() for v in exported.values())
+
+
+def test_overrides_win_over_a_checkpoint_file_and_what_cannot_apply_is_refused(tiny_teacher_dir, tmp_path,
+                                                                               monkeypatch, capsys):
+    """``--ckpt_path FILE`` as ``last``: the teacher's new place and a new learning rate given on the command line
+    are used (the teacher's old folder is gone; the resumed optimizer runs at the new peak); another method or a
+    student of another depth stops before any work, naming the setting."""
+    from lightning_distill.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    teacher = shutil.copytree(tiny_teacher_dir, tmp_path / "teacher")
+    config = yaml.safe_load((ROOT / "configs" / "tiny" / "soft.yaml").read_text())
+    config["trainer"].update(enable_checkpointing=True, limit_val_batches=0, callbacks=[
+        {"class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
+         "init_args": {"dirpath": str(tmp_path / "checkpoints"), "save_last": True}}])
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump(config))
+    fit = ["fit", "--config", str(tmp_path / "run.yaml")]
+    main([*fit, "--model.init_args.teacher", str(teacher)])
+    first = tmp_path / "checkpoints" / "step-2.ckpt"
+    shutil.copy(tmp_path / "checkpoints" / "last.ckpt", first)
+    moved = shutil.move(teacher, tmp_path / "moved")
+    main([*fit, "--ckpt_path", str(first), "--model.init_args.teacher", str(moved), "--trainer.max_steps", "3",
+          "--model.init_args.optimization.learning_rate", "0.5"])
+    saved = torch.load(tmp_path / "checkpoints" / "last.ckpt", weights_only=False)
+    assert saved["global_step"] == 3
+    assert saved["hyper_parameters"]["optimization"]["learning_rate"] == 0.5
+    assert {group["initial_lr"] for group in saved["optimizer_states"][0]["param_groups"]} == {0.5}
+    assert saved["lr_schedulers"][0]["base_lrs"] == [0.5, 0.5]
+
+    for extra, message in (
+        (["--model", "lightning_distill.HardDistill"], r"written by SoftDistill, and this run's model.class_path is "
+                                                        r"'lightning_distill.HardDistill'"),
+        (["--model.init_args.student.from_teacher.layers", "3"], r"its student has num_hidden_layers=2, this run's "
+                                                                 r"student=.* gives 3"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            main([*fit, "--ckpt_path", str(first), "--model.init_args.teacher", str(moved), *extra])
+        error = capsys.readouterr().err
+        assert exit_.value.code == 2 and "Traceback" not in error
+        assert re.search(message, error), error
+
+
+@requires_litdata
+def test_a_truncated_chunk_of_a_prepared_corpus_is_refused(tiny_teacher_dir, tmp_path):
+    """corpus.json records each chunk's SHA-256: a chunk cut short is refused before any block is read, naming it
+    (checked up front, once per copy: an unchanged chunk is not hashed again)."""
+    from lightning_distill.backbone import load_tokenizer
+
+    prepared = Path(prepared_corpus(tmp_path / "corpus", tiny_teacher_dir))
+    data = DistillDataModule(corpus=str(prepared), block_size=16, batch_size=4)
+    data.set_tokenizer(load_tokenizer(tiny_teacher_dir))
+    data.setup("fit")  # intact: verified
+    chunk = next((prepared / "train").glob("*.bin"))
+    chunk.write_bytes(chunk.read_bytes()[:-64])
+    again = DistillDataModule(corpus=str(prepared), block_size=16, batch_size=4)
+    again.set_tokenizer(load_tokenizer(tiny_teacher_dir))
+    with pytest.raises(ValueError, match=rf"chunk train/{chunk.name} .* does not match the SHA-256 corpus.json "
+                                         r"records for it \(truncated or changed\)"):
+        again.setup("fit")

@@ -198,7 +198,7 @@ class DistillDataModule(L.LightningDataModule):
                        f"validation blocks of {hp.block_size} tokens")
 
     def train_dataloader(self) -> DataLoader:
-        """Train blocks in an order that is a function of (seed, epoch), each rank its share
+        """Train blocks in an order that is a function of (seed, epoch), each rank its slice of every global batch
         (:class:`~lightning_distill.data.sampler.ResumableSampler`); after :meth:`load_state_dict`, from the
         position a checkpoint recorded. A prepared corpus is streamed by litdata's ``StreamingDataLoader``, whose
         position Lightning keeps in the checkpoint itself."""
@@ -215,7 +215,7 @@ class DistillDataModule(L.LightningDataModule):
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         at = self._resume_at or {"epoch": 0, "batches": 0}
         sampler = ResumableSampler(dataset, replicas, rank, seed=self.hparams.seed, epoch=at["epoch"],
-                                   start=at["batches"] * self.hparams.batch_size)
+                                   start=at["batches"] * self.hparams.batch_size, batch_size=self.hparams.batch_size)
         self._resume_at = None  # used once: a later loader (another fit) starts afresh
         return self._loader(dataset, sampler=sampler)
 

@@ -1,11 +1,14 @@
-"""The training order: a function of (seed, epoch), with a position that a checkpoint keeps, so that a resumed run
-sees exactly the batches the uninterrupted run saw.
+"""The training order: a function of (seed, epoch) and of the global batch, with a position that a checkpoint keeps,
+so that a resumed run sees exactly the batches the uninterrupted run saw, and W ranks at batch b see the batches one
+rank sees at batch W * b.
 
-:class:`ResumableSampler` is PyTorch's ``DistributedSampler`` (the order of epoch e is ``randperm(N)`` seeded with
-``seed + e``, rank r takes every world-size-th index from r; in one process, the order a seeded shuffling DataLoader
-gives, :func:`single_process_order`, so that results from before the position was checkpointed reproduce;
-Lightning calls ``set_epoch`` at every epoch start and
-leaves a ``DistributedSampler`` as it is under DDP) that starts ``start`` indices into its epoch.
+:class:`ResumableSampler` orders epoch e as a seeded shuffling DataLoader does in one process
+(:func:`single_process_order`, so that results from before the position was checkpointed reproduce); under DDP the
+same order is cut into global batches of ``world_size * batch_size`` blocks and rank r takes the r-th of W contiguous
+slices of each (:func:`rank_share`): the ranks of a step together hold exactly the blocks one rank would hold at the
+global batch size, whatever W, and token-exact accumulation (:class:`~lightning_distill.modules.base.TokenWindow`)
+makes the step's gradient the same. It is a ``DistributedSampler``, which Lightning leaves as it is under DDP and
+calls ``set_epoch`` on at every epoch start; it starts ``start`` indices into its epoch.
 
 The position is read from the trainer when a checkpoint is written (:func:`train_position`): the epoch and the
 batches of it whose training step finished, as Lightning's fit loop counts them when it restores its own progress.
@@ -26,22 +29,25 @@ from lightning_distill import checks
 
 
 class ResumableSampler(DistributedSampler):
-    """A seeded shuffle per epoch, this rank's share of it, from ``start`` on in epoch ``epoch``.
+    """A seeded shuffle per epoch, this rank's share of each global batch of it, from ``start`` on in epoch
+    ``epoch``.
 
     Args:
         dataset: the dataset to draw indices of (only its length is used).
         num_replicas: number of ranks (the trainer's world size).
         rank: this rank.
-        seed: seeds every epoch's order (epoch e uses ``seed + e``).
+        seed: seeds every epoch's order.
         epoch: the epoch the first iteration serves (later ones follow ``set_epoch``).
         start: indices of this rank's share of ``epoch`` to skip (those a checkpointed run already trained on).
+        batch_size: blocks per batch on each rank: a global batch is ``num_replicas * batch_size`` blocks.
     """
 
     def __init__(self, dataset: Sized, num_replicas: int = 1, rank: int = 0, seed: int = 0, epoch: int = 0,
-                 start: int = 0) -> None:
+                 start: int = 0, batch_size: int = 1) -> None:
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed)
         checks.require(start >= 0, "start", start, ">= 0")
-        self.epoch, self.start = epoch, start
+        checks.integer("batch_size", batch_size, ">= 1", lambda v: v >= 1, "8")
+        self.epoch, self.start, self.batch_size = epoch, start, batch_size
 
     def set_epoch(self, epoch: int) -> None:
         """Serve ``epoch`` next; a new epoch starts from its first index."""
@@ -50,13 +56,41 @@ class ResumableSampler(DistributedSampler):
         super().set_epoch(epoch)
 
     def __iter__(self) -> Iterator[int]:
-        if self.num_replicas == 1:  # one process: the order a shuffling DataLoader seeded with `seed` has always had
-            indices = single_process_order(len(self.dataset), self.seed, self.epoch)
-        else:
-            indices = list(super().__iter__())  # this rank's share of epoch self.epoch, padded as DistributedSampler
+        # one process: the order a shuffling DataLoader seeded with `seed` has always had; W: this rank's slices of it
+        indices = single_process_order(len(self.dataset), self.seed, self.epoch)
+        if self.num_replicas > 1:
+            indices = rank_share(indices, self.num_replicas, self.rank, self.batch_size)
         return iter(indices[self.start :])
 
-    # __len__ stays the whole epoch's: Lightning counts a resumed epoch's batches from where it stopped
+    def __len__(self) -> int:
+        """This rank's share of the whole epoch (Lightning counts a resumed epoch's batches from where it
+        stopped)."""
+        if self.num_replicas == 1:
+            return len(self.dataset)
+        return len(rank_share(list(range(len(self.dataset))), self.num_replicas, self.rank, self.batch_size))
+
+
+def rank_share(order: list[int], ranks: int, rank: int, batch_size: int) -> list[int]:
+    """Rank ``rank``'s indices of an epoch's ``order``: of each global batch of ``ranks * batch_size`` blocks, the
+    ``rank``-th of ``ranks`` contiguous slices as equal as possible (the first ones a block longer), so that every
+    rank's loader cuts them into the same batches. The last global batch of an epoch may be short; a rank left
+    without a block of it (fewer blocks than ranks) repeats its first block, as ``DistributedSampler`` pads: the one
+    case where the ranks' blocks differ from one rank's.
+
+    Args:
+        order: the epoch's order of block indices.
+        ranks: number of ranks, W.
+        rank: this rank, in [0, W).
+        batch_size: blocks per batch on each rank, b.
+    """
+    share, size = [], ranks * batch_size
+    for begin in range(0, len(order), size):
+        batch = order[begin : begin + size]
+        base, extra = divmod(len(batch), ranks)
+        first = rank * base + min(rank, extra)
+        part = batch[first : first + base + (rank < extra)]
+        share += part or batch[:1]
+    return share
 
 
 def single_process_order(n: int, seed: int, epoch: int) -> list[int]:

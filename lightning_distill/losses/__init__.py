@@ -6,7 +6,9 @@
 - :mod:`~lightning_distill.losses.sparse`: the teacher kept on a few ids per position (stored top-k or sampled
   labels, the teacher's picks, on-policy sampled tokens) and the per-token losses to it;
 - :mod:`~lightning_distill.losses.distill`: ``(1 - ce_weight) * KD + ce_weight * CE`` of a batch, from logits or
-  from hidden states chunk by chunk (the fused head loss).
+  from hidden states chunk by chunk (the fused head loss);
+- :mod:`~lightning_distill.losses.cross_tokenizer`: a student and a teacher with different tokenizers, compared on
+  the text spans both spell: ULD and the GOLD-style hybrid.
 
 Everything a user or a method needs is importable from here::
 
@@ -14,6 +16,16 @@ Everything a user or a method needs is importable from here::
     loss = GeneralizedJSD(beta=0.3)(student_logits, teacher_logits, labels, temperature=2.0)
 """
 
+from lightning_distill.losses.cross_tokenizer import (
+    CROSS_TOKENIZER_LOSSES,
+    GOLD,
+    ULD,
+    AlignedTeacher,
+    CrossTokenizerLoss,
+    cross_tokenizer_loss,
+    get_cross_tokenizer_loss,
+    uld_distance,
+)
 from lightning_distill.losses.distill import (
     DEFAULT_CHUNK_SIZE,
     TeacherHidden,
@@ -37,10 +49,15 @@ from lightning_distill.losses.divergences import (
 from lightning_distill.losses.sparse import SparseTargets, sample_teacher, sampled_kl, topk_forward_kl, topk_teacher
 
 __all__ = [
+    "CROSS_TOKENIZER_LOSSES",
     "DEFAULT_CHUNK_SIZE",
     "DIVERGENCES",
+    "GOLD",
     "IGNORE_INDEX",
     "TVD",
+    "ULD",
+    "AlignedTeacher",
+    "CrossTokenizerLoss",
     "Divergence",
     "ForwardKL",
     "GeneralizedJSD",
@@ -51,11 +68,14 @@ __all__ = [
     "TeacherHidden",
     "chunked_distill_loss",
     "cross_entropy",
+    "cross_tokenizer_loss",
     "distill_loss",
+    "get_cross_tokenizer_loss",
     "get_divergence",
     "reduce_tokens",
     "sample_teacher",
     "sampled_kl",
     "topk_forward_kl",
     "topk_teacher",
+    "uld_distance",
 ]

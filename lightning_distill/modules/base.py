@@ -22,9 +22,9 @@ CLI's config dicts instead), so a checkpoint reloads with ``load_from_checkpoint
 ``save_hyperparameters()`` of its own.
 
 The hooks a method may override, each with its default here: :meth:`training_step` (required),
-:meth:`check_store`, :meth:`compares_vocabularies`, :meth:`teacher_unused_in_training`, :meth:`records_layers`,
-:meth:`sharding_problem`, :meth:`trainable_models`, :meth:`make_models`, :meth:`label_settings` and
-``predict_step``.
+:meth:`check_store`, :meth:`check_store_teacher`, :meth:`compares_vocabularies`,
+:meth:`teacher_unused_in_training`, :meth:`records_layers`, :meth:`sharding_problem`, :meth:`trainable_models`,
+:meth:`make_models`, :meth:`label_settings` and ``predict_step``.
 """
 
 from __future__ import annotations
@@ -43,17 +43,27 @@ from lightning.pytorch.utilities.parsing import collect_init_args
 from torch import Tensor
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from lightning_distill import checks, sharding, speedups
-from lightning_distill.backbone import DEFAULT_TEACHER, Run, as_dtype, final_hidden, load_tokenizer
+from lightning_distill import checks, pruning, sharding, speedups
+from lightning_distill.backbone import (
+    DEFAULT_TEACHER,
+    Run,
+    as_dtype,
+    final_hidden,
+    load_tokenizer,
+    same_teacher,
+    teacher_fingerprint,
+)
 from lightning_distill.callbacks import IdleTeacherOffload, Throughput
 from lightning_distill.generation import GenerationSettings, continue_texts
 from lightning_distill.losses import (
     DEFAULT_CHUNK_SIZE,
     IGNORE_INDEX,
+    CrossTokenizerLoss,
     Divergence,
     TeacherHidden,
     chunked_distill_loss,
     cross_entropy,
+    cross_tokenizer_loss,
     distill_loss,
 )
 from lightning_distill.metrics import ValidationMetrics
@@ -119,7 +129,8 @@ class DistillModule(L.LightningModule):
         if served:
             check_served(type(self), teacher, spec, tokenizer, self.accepts_served_teacher)
         speedups.check(performance, self.trains_teacher)
-        name = tokenizer or (teacher if isinstance(teacher, str) and not served else spec)
+        own = pruning.own_tokenizer(spec)  # a from_teacher student with a tokenizer of its own
+        name = tokenizer or own or (teacher if isinstance(teacher, str) and not served else spec)
         checks.require(isinstance(name, str), "tokenizer", tokenizer, "a model name when neither teacher nor "
                        "student is one")
         #: where the teacher's signal comes from; methods set their own
@@ -129,7 +140,8 @@ class DistillModule(L.LightningModule):
         # Loaded now (cheap) because the data module tokenizes before configure_model runs; a checkpoint being
         # loaded brings its own (checkpoint.restoring), so loading one does not need the teacher's folder.
         self._stored = saved.restored()
-        role = "tokenizer" if tokenizer else "teacher" if isinstance(teacher, str) and not served else "student"
+        role = ("tokenizer" if tokenizer else "student.from_teacher.tokenizer" if own
+                else "teacher" if isinstance(teacher, str) and not served else "student")
         self.tokenizer: PreTrainedTokenizerBase = (saved.tokenizer_from(self._stored) if self._stored and not tokenizer
                                                    else load_tokenizer(name, role))
         self.teacher_missing: str | None = None  # why a checkpoint's live teacher could not be loaded
@@ -194,6 +206,7 @@ class DistillModule(L.LightningModule):
         manifest = self.signal.manifest
         if manifest is not None:
             self.check_store(manifest)
+            self.check_store_teacher(manifest)
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.signal.setup(self.run, stage, data)
 
@@ -204,6 +217,20 @@ class DistillModule(L.LightningModule):
     # ----------------------------------------------------------------------------- hooks a method may override
     def check_store(self, manifest: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the argument to change when a label store cannot feed this method."""
+
+    def check_store_teacher(self, manifest: dict[str, Any]) -> None:
+        """Refuse a label store written by another teacher than the one this run names (their files' fingerprints
+        differ, :func:`~lightning_distill.backbone.teacher_fingerprint`), unless ``labels_any_teacher=True`` says
+        the labels may come from another teacher (a student pruned from a small model, labelled by a large one of
+        the same tokenizer)."""
+        stored, here = manifest.get("teacher_fingerprint"), teacher_fingerprint(self.local_teacher)
+        if self.hparams.get("labels_any_teacher") or same_teacher(stored, here):
+            return
+        raise ValueError(f"labels={self.hparams.get('labels')!r} was labelled by teacher {manifest.get('teacher')!r} "
+                         f"(config {stored['config']}, weights {stored['weights']}), and teacher={self.teacher_name!r} "
+                         f"is another model (config {here['config']}, weights {here['weights']}): name the teacher "
+                         "that labelled the store, or pass labels_any_teacher=True if the labels may come from "
+                         "another teacher")
 
     def compares_vocabularies(self) -> bool:
         """Whether the method matches the student to the teacher id by id (then their vocabularies must agree)."""
@@ -228,9 +255,14 @@ class DistillModule(L.LightningModule):
         return [(self.student, self.hparams.optimization.learning_rate)]
 
     def label_settings(self) -> dict[str, Any]:
-        """What a label store records about the teacher that wrote it (the dtype as resolved here)."""
+        """What a label store records about the teacher that wrote it: its name, its identity
+        (:func:`~lightning_distill.backbone.teacher_fingerprint`; a served teacher's, as its server reports it) and
+        the dtype as resolved here."""
         dtype = as_dtype(self.hparams.performance.teacher_dtype) or torch.float32
-        return {"teacher": self.teacher_name, "teacher_dtype": str(dtype).removeprefix("torch.")}
+        identity = (self.signal.teacher_identity() if isinstance(self.signal, ServedTeacher)
+                    else teacher_fingerprint(self.local_teacher))
+        return {"teacher": self.teacher_name, "teacher_fingerprint": identity,
+                "teacher_dtype": str(dtype).removeprefix("torch.")}
 
     @property
     def max_positions(self) -> int | None:
@@ -244,7 +276,8 @@ class DistillModule(L.LightningModule):
 
     # ------------------------------------------------------------------------------------------------ loss
     def student_loss(self, input_ids: Tensor, targets: Tensor, teacher: Distribution | None = None, *,
-                     divergence: str | Divergence = "forward_kl", ce_weight: float = 1.0, temperature: float = 1.0,
+                     divergence: str | Divergence | CrossTokenizerLoss = "forward_kl", ce_weight: float = 1.0,
+                     temperature: float = 1.0,
                      attention_mask: Tensor | None = None, position_ids: Tensor | None = None) -> dict[str, Tensor]:
         """The one path from the student's hidden states and output head to the loss.
 
@@ -256,7 +289,9 @@ class DistillModule(L.LightningModule):
             teacher: the teacher's distribution aligned with ``input_ids``: logits (B, T, V), hidden states with its
                 head (:class:`~lightning_distill.losses.TeacherHidden`), or sparse targets (B, T, K) (stored top-k
                 or sampled ids, or the teacher's picks); unused when ``ce_weight == 1``.
-            divergence: a :class:`~lightning_distill.losses.Divergence` or its name.
+            divergence: a :class:`~lightning_distill.losses.Divergence` or its name; a
+                :class:`~lightning_distill.losses.CrossTokenizerLoss` for a teacher with another tokenizer (then
+                ``teacher`` is an :class:`~lightning_distill.losses.AlignedTeacher` and KD is a mean over spans).
             ce_weight: ``loss = (1 - ce_weight) * KD + ce_weight * CE(targets)``.
             temperature: softening temperature of the KD term.
             attention_mask: (B, T) optional padding mask (0 on left padding).
@@ -270,8 +305,12 @@ class DistillModule(L.LightningModule):
                               position_ids=position_ids)[:, :-1]  # (B, T-1, H)
         labels = targets[:, 1:]  # (B, T-1)
         tokens = (labels != IGNORE_INDEX).sum()
-        teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
         head = self.student.get_output_embeddings()
+        if isinstance(divergence, CrossTokenizerLoss):  # a teacher with another tokenizer: compared on shared spans
+            out = cross_tokenizer_loss(head(hidden), input_ids, teacher, targets, loss=divergence, ce_weight=ce_weight,
+                                       temperature=temperature)  # student logits (B, T-1, V_s)
+            return {**out, "tokens": tokens}
+        teacher = None if ce_weight == 1.0 or teacher is None else teacher[:, :-1]
         settings = {"divergence": divergence, "ce_weight": ce_weight, "temperature": temperature}
         chunk_size = self.loss_chunk_size(teacher, hidden.device)
         if chunk_size == 0:
@@ -291,10 +330,35 @@ class DistillModule(L.LightningModule):
 
     def backward_loss(self, loss: Tensor, tokens: Tensor) -> Tensor:
         """The value to backpropagate so that the accumulated gradient is token-exact (see :class:`TokenWindow`)."""
-        return self.tokens.backward_value(loss, tokens)
+        return self.tokens.backward_value(loss, tokens, self._trainer)
 
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
-        self.tokens.rescale(optimizer, self._trainer, self.device)
+        """Rescale the window's gradients (:class:`TokenWindow`); a non-finite loss or gradient on any rank stops the
+        run here, before the optimizer step would write it into the weights (:class:`NonFiniteLossError`)."""
+        if self.tokens.rescale(optimizer, self._trainer, self.device):
+            lr = self.hparams.optimization.learning_rate
+            raise NonFiniteLossError(
+                f"the loss or its gradient became NaN or infinite in step {self.global_step + 1}: the run stops "
+                f"before that step changes the weights, which stay those of step {self.global_step} (what a "
+                "ModelCheckpoint(save_on_exception=True) and ExportStudent save now). Usually the learning rate is "
+                f"too high (optimization.learning_rate={lr:g}: try 10x lower), or the data or labels hold bad values")
+
+    def on_train_start(self) -> None:
+        """The configuration wins over a restored optimizer: a fit resumed from a checkpoint gets the optimizer's
+        and the schedule's saved peak learning rates and weight decay back, so they are set again from
+        ``hparams.optimization`` (the learning rate at the restored step of the schedule); a fresh fit is left as
+        it is."""
+        for config in self.trainer.lr_scheduler_configs:
+            scheduler = config.scheduler
+            groups = scheduler.optimizer.param_groups
+            settings = [(lr, decay) for _, lr in self.trainable_models()
+                        for decay in (self.hparams.optimization.weight_decay, 0.0)]
+            if not isinstance(scheduler, torch.optim.lr_scheduler.LambdaLR) or len(settings) != len(groups):
+                continue
+            for i, (group, (peak, decay)) in enumerate(zip(groups, settings, strict=True)):
+                scheduler.base_lrs[i] = group["initial_lr"] = peak
+                group["lr"], group["weight_decay"] = peak * scheduler.lr_lambdas[i](scheduler.last_epoch), decay
+            scheduler._last_lr = [group["lr"] for group in groups]
 
     def log_train(self, parts: dict[str, Tensor], batch_size: int) -> None:
         """Log the loss parts as ``train/<name>`` (means over valid tokens)."""
@@ -383,8 +447,10 @@ class DistillModule(L.LightningModule):
         net = self.student if model == "student" else self.teacher if model == "teacher" else None
         checks.require(net is not None, "model", model, "'student' or 'teacher' (with a live teacher)")
         settings = GenerationSettings(max_new_tokens, do_sample, temperature, top_p)
+        own = net is self.student or self.compares_vocabularies()  # else a teacher with another tokenizer: its own
+        tokenizer = self.tokenizer if own else load_tokenizer(self.local_teacher, "teacher")
         with sharding.gathered(self._strategy()):  # sharded: every rank takes every step (synced)
-            return continue_texts(net, self.tokenizer, prompts, settings, synced=sharding.is_sharded(self))
+            return continue_texts(net, tokenizer, prompts, settings, synced=sharding.is_sharded(self))
 
     def _strategy(self) -> L.pytorch.strategies.Strategy | None:
         return self._trainer.strategy if self._trainer is not None else None
@@ -427,31 +493,56 @@ class TokenWindow:
 
     def __init__(self) -> None:
         self.tokens = 0.0  # valid target tokens since the last optimizer step
+        self.nonfinite = 0.0  # micro-batches of the window whose loss was NaN or infinite
         self.scale: float | None = None
 
-    def backward_value(self, loss: Tensor, tokens: Tensor) -> Tensor:
-        """The value to backpropagate for a micro-batch whose mean loss over ``tokens`` valid tokens is ``loss``."""
+    def backward_value(self, loss: Tensor, tokens: Tensor, trainer: L.Trainer | None = None) -> Tensor:
+        """The value to backpropagate for a micro-batch whose mean loss over ``tokens`` valid tokens is ``loss``.
+        ``scale`` must be the same on every rank (the ranks' batches may differ in size: the last of an epoch), so
+        the first micro-batch's largest count over the ranks is taken; a checkpoint keeps it, so that a resumed run
+        scales as the uninterrupted one did."""
         if self.scale is None:
-            self.scale = max(float(tokens), 1.0)
+            first = torch.tensor(max(float(tokens), 1.0), dtype=torch.float64, device=tokens.device)
+            if trainer is not None and trainer.world_size > 1:
+                first = trainer.strategy.reduce(first, reduce_op="max")
+            self.scale = float(first)
         self.tokens += float(tokens)
+        self.nonfinite += float(not torch.isfinite(loss.detach()).all())
         return loss * tokens / self.scale
 
-    def rescale(self, optimizer: torch.optim.Optimizer, trainer: L.Trainer | None, device: torch.device) -> None:
-        """Turn the accumulated gradients into the mean over the window's valid tokens (all ranks)."""
+    def rescale(self, optimizer: torch.optim.Optimizer, trainer: L.Trainer | None, device: torch.device) -> bool:
+        """Turn the accumulated gradients into the mean over the window's valid tokens (all ranks).
+
+        Returns:
+            Whether a loss of the window, or a gradient, was NaN or infinite on any rank (all ranks agree: the
+            count is reduced with the tokens', one collective). Gradients are not checked under fp16 mixed
+            precision, whose loss scaler skips infinite ones by design.
+        """
         if self.scale is None:
-            return
-        total = torch.tensor(self.tokens, device=device, dtype=torch.float64)
+            return False
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        precision = str(getattr(trainer, "precision", "32")) if trainer is not None else "32"
+        if grads and not precision.startswith("16"):  # a sharded (FSDP) gradient: this rank's shard
+            norms = torch._foreach_norm([g.to_local() if hasattr(g, "to_local") else g for g in grads])
+            self.nonfinite += float(not torch.isfinite(torch.stack([n.float() for n in norms])).all())
+        counts = torch.tensor([self.tokens, self.nonfinite], device=device, dtype=torch.float64)
         world = trainer.world_size if trainer is not None else 1
         if world > 1:
-            total = trainer.strategy.reduce(total, reduce_op="sum")
+            counts = trainer.strategy.reduce(counts, reduce_op="sum")
         accumulate = trainer.accumulate_grad_batches if trainer is not None else 1
-        factor = accumulate * world * self.scale / max(float(total), 1.0)
-        self.tokens = 0.0
+        factor = accumulate * world * self.scale / max(float(counts[0]), 1.0)
+        self.tokens = self.nonfinite = 0.0
         if factor != 1.0:
             for group in optimizer.param_groups:
                 for p in group["params"]:
                     if p.grad is not None:
                         p.grad.mul_(factor)
+        return bool(counts[1] > 0)
+
+
+class NonFiniteLossError(ValueError):
+    """A loss or gradient became NaN or infinite: the run stops before the optimizer step (the weights stay those of
+    the last good step). A ``ValueError``: the CLI shows it as one message, exit status 2."""
 
 
 def lr_factor(step: int, total: int, warmup_steps: int, min_lr_ratio: float) -> float:

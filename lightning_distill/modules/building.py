@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING
 
 from transformers import PreTrainedModel
 
-from lightning_distill import speedups
+from lightning_distill import pruning, speedups
 from lightning_distill.backbone import (
     as_dtype,
     build_student,
@@ -25,6 +25,7 @@ from lightning_distill.backbone import (
     load_tokenizer,
     model_from_config,
 )
+from lightning_distill.signals import CrossTokenizerTeacher
 
 if TYPE_CHECKING:
     from lightning_distill.modules.base import DistillModule
@@ -37,6 +38,11 @@ def make_models(module: DistillModule) -> None:
         return
     if module._stored is not None:
         return build_restored(module)
+    own = pruning.own_tokenizer(module.student_spec)
+    if own is not None and module.compares_vocabularies():
+        raise ValueError(f"student={module.student_spec!r} has a tokenizer of its own, but {type(module).__name__} "
+                         f"with these settings compares it with teacher={module.teacher_name!r} id by id: use "
+                         "SoftDistill(loss='uld' or 'gold'), or drop student.from_teacher.tokenizer")
     teacher = None
     prunes_teacher = isinstance(module.student_spec, dict) and "from_teacher" in module.student_spec
     if isinstance(module.teacher_name, dict):  # a fresh random teacher (CoDistill), sized to the tokenizer
@@ -44,9 +50,14 @@ def make_models(module: DistillModule) -> None:
         teacher = build_student(spec)
     elif module.local_teacher is not None and (module.needs_teacher() or prunes_teacher):
         teacher = load_model(module.local_teacher, role="teacher")  # fp32: from_teacher students copy exact weights
-    student = build_student(module.student_spec, teacher, module.tokenizer)
+    spec = module.student_spec
+    config = spec.get("config") if isinstance(spec, dict) else None
+    if isinstance(module.signal, CrossTokenizerTeacher) and isinstance(config, dict) and "vocab_size" not in config:
+        spec = {"config": {**config, "vocab_size": len(module.tokenizer)}}  # a fresh student on its own tokenizer
+    teacher_tokenizer = load_tokenizer(module.local_teacher, "teacher") if own is not None else module.tokenizer
+    student = build_student(spec, teacher, teacher_tokenizer)
     keep(module, student, teacher if module.needs_teacher() else None)
-    if isinstance(module.student_spec, str) and teacher is not None:
+    if isinstance(module.student_spec, str) and teacher is not None and module.compares_vocabularies():
         check_tokenizers(module.tokenizer, load_tokenizer(module.student_spec, "student"), module.teacher_name,
                          module.student_spec, teacher.config.vocab_size, module.student.config.vocab_size)
     vocab = teacher.config.vocab_size if teacher is not None else None

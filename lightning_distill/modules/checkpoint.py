@@ -1,5 +1,6 @@
 """What a checkpoint holds beyond the weights, so that it is self-contained: the student's config (and a trained
-teacher's), the tokenizer's files, the method's name, the teacher signal's state, the random state and the W&B run.
+teacher's), the tokenizer's files, the method's name, the teacher signal's state, the random state, the token
+window's scale and the W&B run.
 
 :class:`~lightning_distill.modules.DistillModule` writes it in ``on_save_checkpoint`` under :data:`KEY`. Loading a
 checkpoint (``SoftDistill.load_from_checkpoint``, ``lightning-distill export``, ``lightning-distill fit
@@ -44,6 +45,7 @@ def payload(module: Any) -> dict[str, Any]:
         "signal": module.signal.state_dict(),
         "rng": random_state(),
         "wandb_run_id": wandb_run_id(module),
+        "token_scale": module.tokens.scale,  # TokenWindow's: a resumed run scales as the uninterrupted one
     }
 
 
@@ -67,7 +69,19 @@ def write(module: Any, checkpoint: dict[str, Any]) -> None:
 
 def load(module: Any, checkpoint: dict[str, Any]) -> None:
     """``on_load_checkpoint``: put the freshly reloaded frozen teacher's weights back in so that strict loading
-    succeeds; restore the signal's state and (resuming a fit) the random state."""
+    succeeds; restore the signal's state and (resuming a fit) the random state. A checkpoint of another method or
+    of a student of another depth or width is refused, naming what differs (strict loading would fail later, or
+    worse, not at all)."""
+    method, config = method_name(checkpoint), checkpoint.get(KEY, {}).get("student_config") or {}
+    if method and method != type(module).__name__:
+        raise ValueError(f"this checkpoint was written by {method}, not {type(module).__name__}: load it with "
+                         f"{method}.load_from_checkpoint, or resume with the method that wrote it")
+    student = getattr(module, "student", None)
+    for key in ("num_hidden_layers", "hidden_size", "vocab_size"):
+        have = getattr(getattr(student, "config", None), key, None)
+        if have is not None and key in config and config[key] != have:
+            raise ValueError(f"this checkpoint's student has {key}={config[key]}, the model being restored "
+                             f"{key}={have}: give the student the checkpoint was trained with")
     if not module.trains_teacher and module.teacher is not None and "state_dict" in checkpoint:  # FSDP took it
         state = checkpoint["state_dict"]
         for key, value in module.teacher.state_dict(prefix="teacher.").items():
@@ -76,6 +90,8 @@ def load(module: Any, checkpoint: dict[str, Any]) -> None:
     module.signal.load_state_dict(stored.get("signal", {}))
     if "rng" in stored and module._trainer is not None:
         set_random_state(stored["rng"])
+    if stored.get("token_scale") is not None and module._trainer is not None:
+        module.tokens.scale = float(stored["token_scale"])
 
 
 def wandb_run_id(module: Any) -> str | None:
@@ -137,6 +153,43 @@ def read(path: str | Path, argument: str = "checkpoint") -> dict[str, Any]:
         raise ValueError(f"{str(path)!r} was not written by a lightning_distill module (no method name in it); "
                          "load it with the class that wrote it, e.g. SoftDistill.load_from_checkpoint(path)")
     return checkpoint
+
+
+def step(path: str | Path) -> int:
+    """The ``global_step`` a checkpoint file was written at (-1 when it cannot be read): memory-mapped, so only the
+    small part of the file that holds it is read."""
+    try:
+        return int(torch.load(path, map_location="cpu", weights_only=False, mmap=True).get("global_step", -1))
+    except Exception:  # a file being written, truncated or of another kind never wins "last"
+        return -1
+
+
+def mismatch(checkpoint: dict[str, Any], class_path: str | None, student: Any) -> str | None:
+    """Why a run configured with method ``class_path`` and ``student`` (the ``student`` argument as given) cannot go
+    on from ``checkpoint`` (another method, or a student of another shape), naming the setting; ``None`` when it
+    can. Any other setting given now overrides the checkpoint's."""
+    stored = checkpoint.get(KEY, {})
+    method, wanted = method_name(checkpoint), str(class_path or "").rsplit(".", 1)[-1]
+    if method and wanted and method != wanted:
+        return (f"it was written by {method}, and this run's model.class_path is {class_path!r}: a run goes on "
+                f"with the method that started it (model.class_path: lightning_distill.{method}); to train "
+                f"{wanted} from its student, export it (lightning-distill export) and name the folder as student")
+    config = stored.get("student_config") or {}
+    if not config:
+        return None
+    spec = student if student is not None else {"from_teacher": {"layers": 6}}
+    expected: dict[str, Any] = {}
+    if isinstance(spec, dict) and isinstance(spec.get("from_teacher"), dict):
+        layers = spec["from_teacher"].get("layers", 6)
+        expected["num_hidden_layers"] = len(layers) if isinstance(layers, (list, tuple)) else layers
+    elif isinstance(spec, dict) and isinstance(spec.get("config"), dict):
+        expected = {k: v for k, v in spec["config"].items() if k in config}
+    for key, value in expected.items():
+        if config.get(key) != value:
+            return (f"its student has {key}={config.get(key)!r}, this run's student={spec!r} gives {value!r}: a run "
+                    "goes on with the student it started with (give the same student, or start a new run without "
+                    "--ckpt_path)")
+    return None
 
 
 def option_groups(checkpoint: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,8 @@ class HardDistill(DistillModule):
         labels: folder of a label store to train from instead of a live teacher: ``top1`` / ``topk`` /
             ``sampled`` for ``mode="top1"``, ``generate`` (same ``prompt_tokens`` and ``max_new_tokens``) for
             ``mode="generate"``.
+        labels_any_teacher: train from ``labels`` written by another teacher than ``teacher`` (a run refuses such
+            a store by default: :meth:`~lightning_distill.modules.DistillModule.check_store_teacher`).
         served: ``top1`` with a served teacher: what is asked of the server and how long a failing one is waited
             for (:class:`~lightning_distill.options.Served`; k=1 by default: only the picks travel).
         optimization: see :class:`DistillModule`.
@@ -65,6 +67,7 @@ class HardDistill(DistillModule):
         ce_weight: float = 0.0,
         generation: Generation = Generation(),
         labels: str | None = None,
+        labels_any_teacher: bool = False,
         optimization: Optimization = Optimization(),
         train_embeddings: bool = True,
         performance: Performance = Performance(),

@@ -33,14 +33,21 @@ from torch import Tensor
 from lightning_distill import checks, pruning
 from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.features import FeatureMatcher, Recording, valid_positions
-from lightning_distill.losses import Divergence, ForwardKL, get_divergence
+from lightning_distill.losses import (
+    CrossTokenizerLoss,
+    Divergence,
+    ForwardKL,
+    get_cross_tokenizer_loss,
+    get_divergence,
+)
 from lightning_distill.modules.base import DistillModule
 from lightning_distill.options import Features, OnPolicy, Optimization, Performance, Served, Validation
 from lightning_distill.serve.client import is_url
-from lightning_distill.signals import LiveTeacher, StoredLabels, StudentSamples, TeacherSignal
+from lightning_distill.signals import CrossTokenizerTeacher, LiveTeacher, StoredLabels, StudentSamples, TeacherSignal
 from lightning_distill.signals.served import ServedTeacher, served_or
 
 DivergenceName = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd"]
+CrossTokenizerName = Literal["uld", "gold"]
 
 
 class SoftDistill(DistillModule):
@@ -54,13 +61,20 @@ class SoftDistill(DistillModule):
         tokenizer: tokenizer model name (see :class:`DistillModule`).
         loss: the divergence: a name (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``,
             ``skew_reverse_kl``, ``tvd``; :data:`lightning_distill.losses.DIVERGENCES`) or an object with its
-            parameters, e.g. ``GeneralizedJSD(beta=0.3)`` (YAML: ``class_path`` / ``init_args``).
+            parameters, e.g. ``GeneralizedJSD(beta=0.3)`` (YAML: ``class_path`` / ``init_args``); or, for a
+            teacher whose tokenizer is not the student's, a cross-tokenizer loss (``uld``, ``gold``, or
+            ``GOLD(matched_weight=...)``; :mod:`lightning_distill.losses.cross_tokenizer`): the live teacher then
+            reads each block in its own tokens (:class:`~lightning_distill.signals.CrossTokenizerTeacher`) and the
+            student's tokenizer is its own (``student={"from_teacher": {..., "tokenizer": NAME}}``, ``tokenizer=``,
+            or a named student's).
         temperature: softening temperature T > 0; the KD term is scaled by T^2.
         ce_weight: weight of cross-entropy on the real text, in [0, 1].
         labels: folder of a ``topk`` or ``sampled`` label store to train from instead of a live teacher; its
             ``temperature`` must equal ``temperature``.
         tail: top-k stores: ``"bucket"`` or ``"renorm"`` (forward KL only); see
             :func:`lightning_distill.losses.topk_forward_kl`.
+        labels_any_teacher: train from ``labels`` written by another teacher than ``teacher`` (a run refuses such
+            a store by default: :meth:`~lightning_distill.modules.DistillModule.check_store_teacher`).
         on_policy: train a share of the batches on the student's own samples (:class:`~lightning_distill.options.
             OnPolicy`); ``None`` (or ``lmbda=0``): off-policy only.
         features: add the feature (hidden-state) term (:class:`~lightning_distill.options.Features`); ``None``: off.
@@ -80,11 +94,12 @@ class SoftDistill(DistillModule):
         teacher: str | list[str] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         tokenizer: str | None = None,
-        loss: DivergenceName | Divergence = "forward_kl",
+        loss: DivergenceName | CrossTokenizerName | Divergence | CrossTokenizerLoss = "forward_kl",
         temperature: float = 1.0,
         ce_weight: float = 0.5,
         labels: str | None = None,
         tail: Literal["bucket", "renorm"] = "bucket",
+        labels_any_teacher: bool = False,
         on_policy: OnPolicy | None = None,
         features: Features | None = None,
         optimization: Optimization = Optimization(),
@@ -93,7 +108,8 @@ class SoftDistill(DistillModule):
         validation: Validation = Validation(),
         served: Served = Served(),
     ) -> None:
-        self.divergence = get_divergence(loss)
+        cross = isinstance(loss, CrossTokenizerLoss) or loss in ("uld", "gold")
+        self.divergence = get_cross_tokenizer_loss(loss) if cross else get_divergence(loss)
         checks.number("temperature", temperature, "> 0", lambda v: v > 0, "1.0")
         checks.number("ce_weight", ce_weight, "in [0, 1] (1 = CE-only baseline)", lambda v: 0 <= v <= 1, "0.5")
         checks.choice("tail", tail, ("bucket", "renorm"))
@@ -119,8 +135,16 @@ class SoftDistill(DistillModule):
         if active is not None and labels is not None:
             raise ValueError(f"on_policy={on_policy} needs a live teacher to grade the student's samples, but labels="
                              f"{labels!r} is set: use on_policy=None with stored labels, or labels=None")
+        if cross:
+            check_cross_tokenizer(loss, teacher, labels, active, features, validation)
+        elif pruning.own_tokenizer(student) is not None:
+            raise ValueError(f"student={student!r} reads with its own tokenizer "
+                             f"{pruning.own_tokenizer(student)!r} and teacher={teacher!r} with the teacher's, but "
+                             f"loss={loss!r} compares their distributions id by id: use loss='uld' or loss='gold' "
+                             "(with ce_weight=1 for the CE-only baseline), or drop student.from_teacher.tokenizer")
         signal = self.signal_for(teacher, labels, tail, temperature, served)
-        super().__init__(teacher=teacher, student=student, tokenizer=tokenizer, optimization=optimization,
+        own = tokenizer or (student if cross and isinstance(student, str) else None)  # a named student's own
+        super().__init__(teacher=teacher, student=student, tokenizer=own, optimization=optimization,
                          train_embeddings=train_embeddings, performance=performance, validation=validation)
         self.signal = StudentSamples(signal, active) if active is not None else signal
         #: the feature term (a submodule: its projection is trained and checkpointed), ``None`` when off
@@ -128,13 +152,20 @@ class SoftDistill(DistillModule):
 
     def signal_for(self, teacher: Any, labels: str | None, tail: str, temperature: float,
                    served: Served) -> TeacherSignal:
-        """Where the teacher's distribution comes from: the label store, the server(s), or the live teacher."""
+        """Where the teacher's distribution comes from: the label store, the server(s), the live teacher, or the
+        live teacher on its own tokens (a cross-tokenizer loss)."""
+        if isinstance(self.divergence, CrossTokenizerLoss):
+            return CrossTokenizerTeacher(teacher)
         signal = served_or(teacher, labels, served, lambda: StoredLabels(labels, tail) if labels is not None
                            else LiveTeacher(), tail=tail, temperature=temperature)
         if isinstance(signal, ServedTeacher) and served.kind == "sampled" and not self.divergence.linear_in_teacher:
             raise ValueError(f"loss={self.divergence.name!r} has no unbiased estimate from sampled targets: use "
                              "loss='forward_kl', or served.kind='topk'")
         return signal
+
+    def compares_vocabularies(self) -> bool:
+        """A cross-tokenizer loss compares the two on shared text spans; the divergences id by id."""
+        return not isinstance(self.divergence, CrossTokenizerLoss)
 
     def check_store(self, manifest: dict[str, Any]) -> None:
         """A store feeds SoftDistill when it holds soft targets at this temperature for this divergence."""
@@ -196,3 +227,20 @@ class SoftDistill(DistillModule):
         extra = self.features is not None and self.features.projection is not None
         lr = self.hparams.optimization.learning_rate
         return super().trainable_models() + ([(self.features, lr)] if extra else [])
+
+
+def check_cross_tokenizer(loss: Any, teacher: Any, labels: str | None, on_policy: OnPolicy | None,
+                          features: Features | None, validation: Validation) -> None:
+    """A cross-tokenizer loss reads each block with the teacher's own tokenizer and model, live: the settings that
+    ask for something else are refused, each naming what to change."""
+    name = loss if isinstance(loss, str) else type(loss).__name__
+    if not isinstance(teacher, str) or is_url(teacher):
+        raise ValueError(f"loss={name!r} reads each block with the teacher's own tokenizer and model, but "
+                         f"teacher={teacher!r}: name the teacher's model or folder")
+    refused = (("labels", labels, "stored labels of a teacher with another tokenizer are not aligned yet"),
+               ("on_policy", on_policy, "the student's samples are not aligned yet"),
+               ("features", features, "hidden states of two tokenizations do not pair up"))
+    for argument, value, why in refused:
+        checks.require(value is None, argument, value, f"None with loss={name!r}", f"set {argument}=None ({why})")
+    checks.require(validation.new_tokens == 0, "validation.new_tokens", validation.new_tokens,
+                   f"0 with loss={name!r}", "the on-policy view scores the student's tokens with the teacher's ids")

@@ -18,7 +18,13 @@ import signal
 from typing import Any
 
 from lightning_distill import checks
-from lightning_distill.backbone import DEFAULT_TEACHER, load_config, load_tokenizer, tokenizer_fingerprint
+from lightning_distill.backbone import (
+    DEFAULT_TEACHER,
+    load_config,
+    load_tokenizer,
+    teacher_fingerprint,
+    tokenizer_fingerprint,
+)
 
 HOSTS = ("127.0.0.1", "0.0.0.0", "::")  # what LitServe binds
 DTYPES = ("auto", "bfloat16", "float16", "float32")
@@ -78,7 +84,8 @@ def build(args: argparse.Namespace) -> tuple[Any, str, int]:
     served = ServedModel(teacher=args.teacher, name=args.name or args.teacher, dtype=args.dtype,
                          max_logprobs=args.max_logprobs, vocab_size=int(config.vocab_size),
                          max_model_len=getattr(config, "max_position_embeddings", None),
-                         tokenizer=tokenizer_fingerprint(load_tokenizer(args.teacher, role="teacher")))
+                         tokenizer=tokenizer_fingerprint(load_tokenizer(args.teacher, role="teacher")),
+                         fingerprint=teacher_fingerprint(args.teacher))
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     server = litserve.LitServer(TeacherAPI(served, args.api_key), accelerator=args.accelerator, devices=devices,
                                 workers_per_device=args.workers_per_device, timeout=args.timeout)

@@ -33,6 +33,8 @@ class ServedModel:
         vocab_size: the teacher's output size.
         max_model_len: the teacher's positions (``None`` when its config does not say).
         tokenizer: the tokenizer's fingerprint (:func:`lightning_distill.backbone.tokenizer_fingerprint`).
+        fingerprint: the teacher's identity (:func:`lightning_distill.backbone.teacher_fingerprint`), which a label
+            store written from this server records as a local teacher's.
     """
 
     teacher: str
@@ -42,12 +44,13 @@ class ServedModel:
     vocab_size: int
     max_model_len: int | None
     tokenizer: str
+    fingerprint: dict[str, str] | None = None
 
     def card(self) -> dict[str, Any]:
         """The ``lightning_distill`` card of ``/v1/models``."""
         return {"id": self.name, "teacher": self.teacher, "tokenizer": self.tokenizer, "vocab_size": self.vocab_size,
                 "max_logprobs": self.max_logprobs, "max_model_len": self.max_model_len, "format": wire.FORMAT,
-                "kinds": list(wire.KINDS), "dtype": self.dtype}
+                "kinds": list(wire.KINDS), "dtype": self.dtype, "teacher_fingerprint": self.fingerprint}
 
 
 class TeacherAPI(ls.LitAPI):

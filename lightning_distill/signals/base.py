@@ -25,12 +25,13 @@ from torch import Tensor
 
 from lightning_distill.backbone import Run
 from lightning_distill.generation import GenerationSettings
-from lightning_distill.losses import SparseTargets, TeacherHidden
+from lightning_distill.losses import AlignedTeacher, SparseTargets, TeacherHidden
 
 Batch = dict[str, Any]  # input_ids (B, T), labels (B, T), block_idx (B,); left-padded: attention_mask, position_ids
 
-Distribution = Tensor | TeacherHidden | SparseTargets
-"""The teacher's next-token distribution of a batch, aligned with ``input_ids`` (position t predicts t + 1)."""
+Distribution = Tensor | TeacherHidden | SparseTargets | AlignedTeacher
+"""The teacher's next-token distribution of a batch, aligned with ``input_ids`` (position t predicts t + 1); a
+teacher with another tokenizer: on its own tokens, with the spans both share (:class:`AlignedTeacher`)."""
 
 
 class TeacherSignal:

@@ -160,6 +160,20 @@ class ServedTeacher(TeacherSignal):
         checks.choice("kind", kind, ("topk", "sampled"))
         return self._client().records(kind, batch["input_ids"], **settings)
 
+    def teacher_identity(self) -> dict[str, Any]:
+        """The served teacher's identity, as a label store records it: the ``teacher_fingerprint`` the first
+        server's ``/v1/models`` card carries (``lightning-distill serve``: the same as the teacher's files give
+        here, :func:`~lightning_distill.backbone.teacher_fingerprint`); another server gives only its model id."""
+        client = self.client or TeacherClient(self.urls[:1], self.options.protocol, self.options.timeout,
+                                              self.options.retry_for)
+        try:
+            card = client._json("GET", client.urls[0], "/v1/models")["data"][0]
+        finally:
+            if client is not self.client:
+                client.close()
+        ours = card.get("lightning_distill") if isinstance(card.get("lightning_distill"), dict) else {}
+        return ours.get("teacher_fingerprint") or {"name": str(card.get("id")), "config": None, "weights": None}
+
     def token_logprobs(self, run: Run, batch: Batch, split: str = "train") -> Tensor:
         """The teacher's log-prob of each next token (B, T) (on-policy ``sampled_token``: the server scores the
         student's prompt + continuation)."""

@@ -1,4 +1,5 @@
-"""Reading a complete label store: manifest checked, shards verified, records by block index (memory-mapped)."""
+"""Reading a complete label store: manifest checked, shards verified (checksums, and the records the manifest
+describes), records by block index (memory-mapped)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import numpy as np
 from torch import Tensor
 
 from lightning_distill.files import sha256
-from lightning_distill.store.format import decode, locate, read_manifest, split_starts
+from lightning_distill.store.format import decode, locate, read_manifest, record_dtype, split_starts
 
 OPEN_SHARDS = 16  # memory maps kept open per split and process: what a store's reader holds stays flat with its size
 
@@ -32,15 +33,45 @@ class LabelStore:
         if verify:
             self.verify()
 
+    def record_dtype(self) -> np.dtype | None:
+        """The records the manifest's ``record`` layout describes, checked against its kind, k or num_samples,
+        value dtype, block size and vocabulary (an edited ``k`` no longer fits); ``None`` for a manifest without
+        a layout."""
+        m, where = self.manifest, f"label store {str(self.path)!r}"
+        if "record" not in m:
+            return None
+        try:
+            layout = np.dtype([(name, kind, tuple(shape)) for name, kind, shape in m["record"]])
+            described = record_dtype(m["kind"], m["block_size"], m["vocab_size"], k=m.get("k") or 1,
+                                     num_samples=m.get("num_samples") or 1, value_dtype=m["value_dtype"],
+                                     new_tokens=(m.get("generation") or {}).get("max_new_tokens", 0))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ValueError(f"{where}: manifest.json is damaged or edited ({error}): label the corpus again "
+                             "(lightning-distill predict ... with overwrite: true)") from None
+        if layout != described:
+            raise ValueError(f"{where}: manifest.json says kind={m['kind']!r}, k={m.get('k')}, num_samples="
+                             f"{m.get('num_samples')}, value_dtype={m['value_dtype']!r}, block_size={m['block_size']}, "
+                             f"but its records are laid out as {layout.descr}: the manifest was edited; label the "
+                             "corpus again (lightning-distill predict ... with overwrite: true)")
+        return layout
+
     def verify(self) -> None:
-        """Raise ``ValueError`` naming the first shard whose file is missing or fails its checksum."""
-        for split in self.manifest["splits"].values():
+        """Raise ``ValueError`` naming the first shard whose file is missing, fails its checksum, or holds other
+        records than the manifest describes (an edited ``k``, ``kind`` or ``value_dtype``)."""
+        expected, m = self.record_dtype(), self.manifest
+        for split in m["splits"].values():
             for shard in split["shards"]:
                 file = self.path / shard["file"]
                 if not file.exists() or sha256(file.read_bytes()) != shard["sha256"]:
                     problem = "is missing" if not file.exists() else "fails its checksum (corrupt or changed)"
                     raise ValueError(f"label store {str(self.path)!r}: shard {shard['file']} {problem}: label "
                                      "the corpus again (lightning-distill predict ... with overwrite: true)")
+                held = np.load(file, mmap_mode="r").dtype
+                if expected is not None and held != expected:
+                    raise ValueError(f"label store {str(self.path)!r}: manifest.json describes records of "
+                                     f"{expected.itemsize} bytes {expected.descr}, but shard {shard['file']} holds "
+                                     f"records of {held.itemsize} bytes {held.descr}: the manifest was edited or the "
+                                     "shards are another store's: label the corpus again")
 
     def check(self, *, tokenizer: str, block_size: int, corpus: str, description: dict[str, Any]) -> None:
         """Refuse a store made for other data, saying which of tokenizer, block size or corpus differs.

@@ -1,5 +1,6 @@
 """A 2-process DDP run (CPU, gloo) of SoftDistill: completes, keeps ranks in sync, and keeps the frozen teacher out
-of DDP's gradient buckets; also with feature distillation through a trained projection."""
+of DDP's gradient buckets; also with feature distillation through a trained projection; and 2 ranks at batch b train
+exactly as 1 rank at batch 2b."""
 
 from __future__ import annotations
 
@@ -8,6 +9,8 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 
 def run_worker(teacher_dir: str, tmp_path: Path, kwargs: dict | None = None) -> dict:
@@ -43,3 +46,30 @@ def test_ddp_with_feature_distillation_and_its_projection(tiny_teacher_dir, tmp_
     assert report["student_in_buckets"] and report["projection_in_buckets"]
     assert report["ranks_agree"]
     assert report["feature_loss"] > 0
+
+
+def test_two_ranks_at_batch_b_train_as_one_rank_at_batch_2b(tiny_teacher_dir, tmp_path):
+    """The order is a function of the seed and the global batch: 2 ranks x 2 blocks see, step by step, the blocks 1
+    rank x 4 sees, and end with the same weights (fp32, CPU); 10 train blocks make epochs of 3 steps (4, 4, 2), so the
+    6 steps cross an epoch boundary after a short last batch."""
+    from pydoc_data.topics import topics
+
+    texts = [topics[name][:72] for name in sorted(topics)[:7]]  # 10 train blocks of 16 tokens
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).parents[2])}
+    worker = Path(__file__).with_name("global_batch_worker.py")
+    runs = {}
+    for world, batch in ((1, 4), (2, 2)):
+        out = tmp_path / f"w{world}"
+        out.mkdir()
+        done = subprocess.run([sys.executable, str(worker), tiny_teacher_dir, str(corpus), str(out), str(world),
+                               str(batch)], env=env, cwd=out, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr[-3000:]
+        blocks = [json.loads((out / f"blocks-{rank}.json").read_text()) for rank in range(world)]
+        steps = [[b for part in step for b in part] for step in zip(*blocks, strict=True)]  # the ranks' blocks
+        runs[world] = steps, torch.load(out / "weights.pt")
+    (one, weights_one), (two, weights_two) = runs[1], runs[2]
+    assert len(one) == 6 and [len(b) for b in one] == [4, 4, 2, 4, 4, 2]
+    assert two == one  # the same global batches, step by step, across the epoch boundary
+    assert max(float((weights_one[k] - weights_two[k]).abs().max()) for k in weights_one) <= 1e-6

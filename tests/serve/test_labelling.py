@@ -27,8 +27,10 @@ def test_a_store_written_from_the_server_equals_one_written_locally(served_tiny_
     there = Path(write_labels(served, tmp_path / "served", **settings))
     mine, theirs = (json.loads((p / "manifest.json").read_text()) for p in (here, there))
     assert theirs["complete"] and theirs["teacher"] == served_tiny_teacher.url
-    for key in ("tokenizer", "vocab_size", "corpus", "record", "splits", "k", "num_samples", "temperature"):
+    for key in ("tokenizer", "vocab_size", "corpus", "record", "splits", "k", "num_samples", "temperature",
+                "teacher_fingerprint"):  # the served teacher's identity as the teacher's own files give it
         assert mine[key] == theirs[key], key  # the shards' checksums included: the same bytes
+    assert theirs["teacher_fingerprint"]["weights"] is not None
     assert sorted(p.name for p in here.glob("*.npy")) == sorted(p.name for p in there.glob("*.npy"))
 
 
