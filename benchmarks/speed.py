@@ -43,6 +43,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import functools
 import importlib.metadata
 import importlib.util
 import inspect
@@ -50,6 +51,7 @@ import json
 import os
 import platform
 import shlex
+import signal
 import statistics
 import subprocess
 import sys
@@ -86,6 +88,13 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--rows", type=int, default=None, help="override N of every shape (quick runs)")
     parser.add_argument("--vocab", type=int, default=None, help="override V of every shape (quick runs)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--row-timeout", type=float, default=None,
+                        help="seconds one row's process may take before it is stopped and the row failed")
+    parser.add_argument("--head-methods", type=lambda s: s.split(","), default=None,
+                        help="loss head: only these methods (default naive,checkpointed,fused,fused+compile and "
+                             "liger on CUDA when installed)")
+    parser.add_argument("--no-cpu-memory", action="store_true",
+                        help="loss head on CPU: skip the peak-RSS process of each row (quick runs)")
     parser.add_argument("--out", default=str(RESULTS), help="folder for speed.json and speed.md")
     speed_steps.add_arguments(parser)  # --head-only, --steps-only, --step-models, --step-shape, --step-repeats
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)  # one row, in a subprocess
@@ -208,10 +217,20 @@ def cpu_peak(row: dict[str, Any]) -> dict[str, int]:
     return {"peak_bytes": proc_status("VmHWM") - before, "rss_before": before}
 
 
-def in_subprocess(task: str, row: dict[str, Any]) -> dict[str, Any]:
-    """``task`` (``cpu_peak`` or ``time_group``) of ``row`` in a fresh Python process: its JSON result."""
+def in_subprocess(task: str, row: dict[str, Any], timeout: float | None = None) -> dict[str, Any]:
+    """``task`` (``cpu_peak``, ``time_group``, or a task of ``step_worker.work``) of ``row`` in a fresh Python
+    process: its JSON result; ``{"error": ...}`` when it fails or runs past ``timeout`` seconds (then it is
+    stopped, with the processes it started)."""
     command = [sys.executable, __file__, "--worker", json.dumps({"task": task, "row": row})]
-    done = subprocess.run(command, stdout=subprocess.PIPE, text=True, check=False)  # stderr: the progress
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, start_new_session=True)  # stderr: progress
+    try:
+        stdout, _ = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(process.pid, signal.SIGKILL)
+        process.communicate()
+        return {"error": f"timed out after {timeout:.0f} s (--row-timeout)"}
+    done = subprocess.CompletedProcess(command, process.returncode, stdout)
     if done.returncode != 0:
         return {"error": f"exit {done.returncode} (its traceback is in the log)"}
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -222,7 +241,7 @@ def loss_head_rows(args: argparse.Namespace, device: str) -> tuple[list[dict[str
     """The rows of the loss-head table (shape x precision x method, then the chunk-size sweep) and notes."""
     cuda = device == "cuda"
     precisions = args.precisions or (["bf16"] if cuda else ["fp32", "bf16-mixed"])
-    methods = ["naive", "checkpointed", "fused", "fused+compile"]
+    methods = args.head_methods or ["naive", "checkpointed", "fused", "fused+compile"]
     notes = []
     if cuda and importlib.util.find_spec("liger_kernel") is not None:
         methods.append("liger")
@@ -239,11 +258,11 @@ def loss_head_rows(args: argparse.Namespace, device: str) -> tuple[list[dict[str
     results = []
     for group in groups:
         print(f"{group[0]['shape']} {group[0]['precision']}: timing {[r['method'] for r in group]}", flush=True)
-        timed = in_subprocess("time_group", group)
+        timed = in_subprocess("time_group", group, args.row_timeout)
         timed = timed if isinstance(timed, list) else [{**row, **timed} for row in group]
         for row in timed:
-            if not cuda and "error" not in row:
-                row.update(in_subprocess("cpu_peak", row))
+            if not cuda and "error" not in row and not args.no_cpu_memory:
+                row.update(in_subprocess("cpu_peak", row, args.row_timeout))
             print(json.dumps({k: row.get(k) for k in ("method", "chunk_size", "seconds", "peak_bytes", "error")}),
                   flush=True)
             results.append(row)
@@ -259,7 +278,8 @@ def ratios(results: list[dict[str, Any]]) -> None:
             if other is not None and "error" not in r:
                 r[f"time_vs_{ref}"] = r["seconds"] / other["seconds"]
                 r[f"cpu_time_vs_{ref}"] = r["cpu_seconds"] / other["cpu_seconds"]
-                r[f"memory_vs_{ref}"] = r["peak_bytes"] / max(other["peak_bytes"], 1)
+                if "peak_bytes" in r and "peak_bytes" in other:  # not measured with --no-cpu-memory
+                    r[f"memory_vs_{ref}"] = r["peak_bytes"] / max(other["peak_bytes"], 1)
 
 
 def machine() -> dict[str, Any]:
@@ -350,7 +370,8 @@ def main(argv: list[str]) -> None:
     machine_before = machine()
     results, notes = loss_head_rows(args, device) if not args.steps_only else ([], [])
     ratios(results)
-    steps, step_notes = speed_steps.step_rows(args, device, in_subprocess) if not args.head_only else ([], [])
+    measure = functools.partial(in_subprocess, timeout=args.row_timeout)
+    steps, step_notes = speed_steps.step_rows(args, device, measure) if not args.head_only else ([], [])
     report = {"command": command, "date": date, "machine": machine_before, "ce_weight": args.ce_weight,
               "loss_head": results, "notes": notes, "training_step": steps,
               "training_step_ratios": speed_steps.ratios(steps), "training_step_notes": step_notes,

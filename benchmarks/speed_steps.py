@@ -35,6 +35,7 @@ import argparse
 import importlib.util
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +47,20 @@ CUDA_STEP = {"batch_size": 8, "block_size": 1024, "warmup": 2, "repeats": 5, "ma
 EMBEDDED = {"teacher": "builtin:smollm2-135m-instruct", "student": {"from_teacher": {"layers": 6}}}
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 4, "num_attention_heads": 4,
         "num_key_value_heads": 2}
+#: ``--step-models shaped``: random models of SmolLM2-1.7B's (teacher) and SmolLM2-135M's (student) shapes, the
+#: vocabulary of both; ``shaped-tiny`` the same code path at a few MB (a CPU dry run of ``benchmarks/gpu_proof.py``).
+SHAPES = {
+    "shaped": {"vocab_size": 49152,
+               "teacher": {"hidden_size": 2048, "intermediate_size": 8192, "num_hidden_layers": 24,
+                           "num_attention_heads": 32, "num_key_value_heads": 32},
+               "student": {"hidden_size": 576, "intermediate_size": 1536, "num_hidden_layers": 30,
+                           "num_attention_heads": 9, "num_key_value_heads": 3}},
+    "shaped-tiny": {"vocab_size": 1024,
+                    "teacher": {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 4},
+                    "student": {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
+                                "num_attention_heads": 4, "num_key_value_heads": 2}},
+}
 INSTALL = "not measured: trl is not installed (pip install 'lightning-distill[bench]')"
 
 
@@ -55,15 +70,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     only = parser.add_mutually_exclusive_group()
     only.add_argument("--head-only", action="store_true", help="only the loss-head table")
     only.add_argument("--steps-only", action="store_true", help="only the whole-training-step table")
-    parser.add_argument("--step-models", choices=["embedded", "tiny"], default="embedded",
-                        help="whole steps: the embedded teacher and its 6-layer student, or tiny random ones (smoke)")
+    parser.add_argument("--step-models", choices=["embedded", "tiny", *SHAPES], default="embedded",
+                        help="whole steps: the embedded teacher and its 6-layer student, tiny random ones (smoke), "
+                             "or random SmolLM2-1.7B / 135M-shaped ones (shaped; shaped-tiny: its smoke run)")
     parser.add_argument("--step-shape", default=None,
                         help="whole steps: BxT, e.g. 2x32 (default 4x128 on CPU, 8x1024 on CUDA)")
     parser.add_argument("--step-repeats", type=int, default=None, help="whole steps: timed steps per row")
+    parser.add_argument("--step-chunks", type=lambda s: [int(c) for c in s.split(",")], default=[0, CHUNK],
+                        help=f"whole steps: the chunk sizes of our rows (default 0,{CHUNK})")
+    parser.add_argument("--step-rows", type=lambda s: [n.strip() for n in s.split(";")], default=None,
+                        help="whole steps: only the rows of these names (separated by ';'), in this order "
+                             "(default: every row)")
 
 
-def step_rows(args: argparse.Namespace, device: str, in_subprocess: Any) -> tuple[list[dict[str, Any]], list[str]]:
-    """Label a store, then measure every row in its own process (``in_subprocess(task, row)``); rows and notes."""
+def step_rows(args: argparse.Namespace, device: str, in_subprocess: Any,
+              on_row: Callable[[list[dict[str, Any]]], None] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
+    """Label a store, then measure every row in its own process (``in_subprocess(task, row)``); rows and notes.
+    ``on_row`` is given the rows measured so far after each one (a caller that may be stopped keeps them)."""
     base = {"device": device, "threads": args.threads, "seed": 0, **(CUDA_STEP if device == "cuda" else CPU_STEP),
             **models(args.step_models)}
     if args.step_shape:
@@ -71,6 +94,10 @@ def step_rows(args: argparse.Namespace, device: str, in_subprocess: Any) -> tupl
         base.update(batch_size=batch, block_size=block)
     if args.step_repeats:
         base["repeats"] = args.step_repeats
+    if args.step_models.startswith("shaped"):
+        base["max_documents"] = 20  # 60-odd blocks of 1024 tokens of the shaped models' tokenizer: enough steps
+    if args.step_models == "shaped-tiny":
+        base["max_documents"] = 2  # the dry run's short blocks: a few hundred, labelled in seconds
     store = str(Path(tempfile.mkdtemp(prefix="speed_store_")) / "topk32")
     print(f"training step: labelling {store} (top-32, train split)", flush=True)
     labelled = in_subprocess("label", {**base, "store": store})
@@ -78,23 +105,40 @@ def step_rows(args: argparse.Namespace, device: str, in_subprocess: Any) -> tupl
              f"{base['label']}; the stored-label rows read a top-32 store written by LabelWriter in "
              f"{labelled.get('seconds', float('nan')):.0f} s (not in the table)."]
     results = []
-    for row in plan(base, store, device):
+    for row in select(plan(base, store, device, args.step_chunks), args.step_rows):
         if "skip" not in row:
             print(f"training step: {row['name']} (chunk {row.get('chunk_size', '')})", flush=True)
             row = {**row, **in_subprocess("step", row)}
         print({k: row.get(k) for k in ("name", "chunk_size", "seconds", "peak_bytes", "error", "skip")}, flush=True)
         results.append(row)
+        if on_row is not None:
+            on_row(results)
     shutil.rmtree(Path(store).parent, ignore_errors=True)
-    if args.step_models == "tiny":
+    if args.step_models != "embedded":
         shutil.rmtree(base["teacher"], ignore_errors=True)
     return results, notes + trl_notes()
 
 
+def select(rows: list[dict[str, Any]], names: list[str] | None) -> list[dict[str, Any]]:
+    """The rows named in ``names``, in that order (every row of a name: each chunk size); all when ``None``."""
+    if names is None:
+        return rows
+    unknown = sorted(set(names) - {r["name"] for r in rows})
+    if unknown:
+        raise ValueError(f"--step-rows names {unknown}, which are not rows here; the rows: "
+                         f"{sorted({r['name'] for r in rows})}")
+    return [r for name in names for r in rows if r["name"] == name]
+
+
 def models(which: str) -> dict[str, Any]:
-    """The teacher and student of the rows: the embedded pair, or a tiny random Llama teacher (the embedded
-    tokenizer, written to a temporary folder) and its 2-layer pruned student, for smoke runs."""
+    """The teacher and student of the rows: the embedded pair; a tiny random Llama teacher (the embedded
+    tokenizer, written to a temporary folder) and its 2-layer pruned student, for smoke runs; or random models of
+    :data:`SHAPES` (a small BPE tokenizer, no package needed: the shapes, not the weights or the text, set the
+    cost)."""
     if which == "embedded":
         return {**EMBEDDED, "label": "SmolLM2-135M-Instruct teacher, its 6-layer pruned student"}
+    if which in SHAPES:
+        return shaped(SHAPES[which], which)
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from lightning_distill.backbone import load_tokenizer
@@ -111,14 +155,44 @@ def models(which: str) -> dict[str, Any]:
                      f"vocab {len(tokenizer)}), its 2-layer pruned student"}
 
 
-def plan(base: dict[str, Any], store: str, device: str) -> list[dict[str, Any]]:
-    """The rows: ours at both chunk sizes, compiled and Liger variants, the teacher alone, TRL's trainers. A row's
-    ``module`` holds SoftDistill arguments as JSON (an option group as a dict of its fields, e.g. ``performance``);
-    ``step_worker.ours`` adds ``performance.teacher_dtype="auto"``, ``performance.chunk_size`` and the learning
-    rate."""
+def shaped(shapes: dict[str, Any], which: str) -> dict[str, Any]:
+    """A random Llama teacher of ``shapes["teacher"]`` written to a temporary folder (bf16) with the tests' small
+    BPE tokenizer (``tests/conftest.py``), and a random student config of ``shapes["student"]``; both of
+    ``shapes["vocab_size"]`` (larger than the tokenizer's: the output heads have the shape's cost)."""
+    import sys
+
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from conftest import make_tiny_model_dir
+
+    folder = Path(tempfile.mkdtemp(prefix="speed_shaped_teacher_"))
+    make_tiny_model_dir(folder)  # the tokenizer (its tiny model is overwritten below)
+    common = {"vocab_size": shapes["vocab_size"], "max_position_embeddings": 4096, "tie_word_embeddings": True,
+              "bos_token_id": 1, "eos_token_id": 2, "pad_token_id": 2}
+    torch.manual_seed(0)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    with torch.device(device):  # a 1.7B-parameter model initialises in seconds on a GPU
+        teacher = LlamaForCausalLM(LlamaConfig(**common, **shapes["teacher"])).to(torch.bfloat16)
+    teacher.save_pretrained(folder)
+    del teacher
+    if device == "cuda":
+        torch.cuda.empty_cache()  # the rows run in processes of their own
+    t, s = shapes["teacher"], shapes["student"]
+    return {"teacher": str(folder), "student": {"config": {**common, **s}},
+            "label": f"random {which} models: teacher {t['num_hidden_layers']} layers, hidden {t['hidden_size']} "
+                     f"(SmolLM2-1.7B's shape at `shaped`), student {s['num_hidden_layers']} layers, hidden "
+                     f"{s['hidden_size']} (SmolLM2-135M's), vocabulary {shapes['vocab_size']}"}
+
+
+def plan(base: dict[str, Any], store: str, device: str, chunks: list[int] | None = None) -> list[dict[str, Any]]:
+    """The rows: ours at both chunk sizes (or at ``chunks``), compiled and Liger variants, the teacher alone, TRL's
+    trainers. A row's ``module`` holds SoftDistill arguments as JSON (an option group as a dict of its fields, e.g.
+    ``performance``); ``step_worker.ours`` adds ``performance.teacher_dtype="auto"``, ``performance.chunk_size`` and
+    the learning rate."""
     ours = {"CE only": {"ce_weight": 1.0}, "online KD": {}, "stored-label KD": {"labels": store}}
     rows = [{**base, "kind": "ours", "name": name, "module": module, "chunk_size": chunk}
-            for chunk in (0, CHUNK) for name, module in ours.items()]
+            for chunk in (chunks or (0, CHUNK)) for name, module in ours.items()]
     rows += [{**base, "kind": "ours", "name": f"{name}, compiled student", "chunk_size": CHUNK,
               "module": {**ours[name], "performance": {"compile_student": True}}, "warmup": base["warmup"] + 1}
              for name in ("CE only", "online KD")]
@@ -126,10 +200,13 @@ def plan(base: dict[str, Any], store: str, device: str) -> list[dict[str, Any]]:
         rows += [{**base, "kind": "ours", "name": f"{name}, malloc as is", "module": ours[name], "malloc_as_is": True,
                   "chunk_size": default_chunk(name, device)} for name in ("CE only", "online KD")]
     liger = device == "cuda" and importlib.util.find_spec("liger_kernel") is not None
-    if liger:
-        rows += [{**base, "kind": "ours", "name": f"{name}, Liger kernels", "chunk_size": CHUNK,
-                  "module": {**ours[name], "performance": {"liger_kernels": True}}}
-                 for name in ("CE only", "online KD")]
+    for name in ("CE only", "online KD"):
+        row = {**base, "kind": "ours", "name": f"{name}, Liger kernels", "chunk_size": CHUNK,
+               "module": {**ours[name], "performance": {"liger_kernels": True}}}
+        if not liger:
+            row["skip"] = ("not measured: CUDA only (Liger Kernel's kernels are Triton)" if device != "cuda" else
+                           "not measured: liger-kernel is not installed (pip install 'lightning-distill[bench]')")
+        rows.append(row)
     rows += [{**base, "kind": "teacher", "name": f"teacher forward ({what})", "logits": what == "logits"}
              for what in ("hidden states", "logits")]
     trl = importlib.util.find_spec("trl") is not None

@@ -120,14 +120,16 @@ def ours(row: dict[str, Any]) -> dict[str, Any]:
 
     from lightning_distill import Optimization, Performance, SoftDistill
 
-    meter = Meter(row)
+    meter, profile = Meter(row), Profile(row)
 
     class Clock(L.Callback):
         def on_train_batch_start(self, *args: Any) -> None:
+            profile.begin(len(meter.times))
             meter.begin()
 
         def on_train_batch_end(self, *args: Any) -> None:
             meter.end()
+            profile.end(len(meter.times))
 
     module = dict(row["module"])
     performance = Performance(teacher_dtype="auto", chunk_size=row["chunk_size"], **module.pop("performance", {}))
@@ -136,7 +138,67 @@ def ours(row: dict[str, Any]) -> dict[str, Any]:
     with tempfile.TemporaryDirectory() as folder:
         trainer(row, folder, max_steps=row["warmup"] + row["repeats"], limit_val_batches=0, num_sanity_val_steps=0,
                 callbacks=[Clock()]).fit(model, data_module(row))
-    return {**meter.result(), "precision": "bf16-mixed" if bf16() else "fp32"}
+    flops = student_flops(model.student, row["batch_size"], row["block_size"])
+    return {**meter.result(), "precision": "bf16-mixed" if bf16() else "fp32", **flops, **profile.result()}
+
+
+def student_flops(student: torch.nn.Module, batch: int, block: int) -> dict[str, Any]:
+    """The student's model FLOPs of one training step (forward and backward, the loss head included, the
+    optimizer not): ``6 * P * tokens`` for the decoder layers' and output head's weights (the input embedding is a
+    lookup) plus ``6 * L * T * H_attn * tokens`` for causal attention (scores and values, half the T x T square),
+    as in PaLM's model-FLOPs utilisation."""
+    config = student.config
+    layers = sum(p.numel() for n, p in student.named_parameters() if ".layers." in f".{n}")
+    head = config.vocab_size * config.hidden_size
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    attention = config.num_attention_heads * head_dim
+    tokens = batch * block
+    per_token = 6 * (layers + head) + 6 * config.num_hidden_layers * block * attention
+    return {"student_flops_per_step": per_token * tokens, "student_layer_parameters": layers,
+            "tokens_per_step": tokens}
+
+
+class Profile:
+    """With ``row["profile"]``, ``torch.profiler`` over the first two timed steps: the top kernels (CUDA) or
+    operators (CPU) by their own time, as a text table in ``result()["profile"]``."""
+
+    def __init__(self, row: dict[str, Any]) -> None:
+        self.on, self.first, self.cuda = bool(row.get("profile")), row["warmup"], row["device"] == "cuda"
+        self.profiler: Any = None
+        self.running = False
+
+    def begin(self, done: int) -> None:
+        if self.on and done == self.first:
+            from torch.profiler import ProfilerActivity, profile
+
+            activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if self.cuda else [])
+            self.profiler = profile(activities=activities)
+            self.profiler.__enter__()
+            self.running = True
+
+    def end(self, done: int) -> None:
+        if self.running and done == self.first + 2:
+            self.stop()
+
+    def stop(self) -> None:
+        if self.cuda:
+            torch.cuda.synchronize()
+        self.profiler.__exit__(None, None, None)
+        self.running = False
+
+    def result(self) -> dict[str, Any]:
+        if self.profiler is None:
+            return {}
+        if self.running:  # fewer than two timed steps
+            self.stop()
+        return {"profile": top_kernels(self.profiler, self.cuda)}
+
+
+def top_kernels(profiler: Any, cuda: bool, rows: int = 15) -> str:
+    """The profiler's table of the ``rows`` operators and kernels that took the most of their own device time
+    (CUDA) or CPU time."""
+    key = "self_cuda_time_total" if cuda else "self_cpu_time_total"
+    return profiler.key_averages().table(sort_by=key, row_limit=rows, max_name_column_width=60)
 
 
 @torch.no_grad()
