@@ -41,7 +41,7 @@ import torch
 from torch import Tensor
 
 from lightning_distill.checks import require
-from lightning_distill.losses.divergences import IGNORE_INDEX, cross_entropy, kl, log_probs
+from lightning_distill.losses.divergences import IGNORE_INDEX, Parameters, cross_entropy, kl, log_probs
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ CROSS_TOKENIZER_LOSSES: dict[str, type[CrossTokenizerLoss]] = {}
 """Every :class:`CrossTokenizerLoss` subclass by its ``name``."""
 
 
-class CrossTokenizerLoss:
+class CrossTokenizerLoss(Parameters):
     """A loss between the span distributions of a student and a teacher with different tokenizers. Subclasses set
     ``name`` (which registers them) and :meth:`per_span`; calling the object gives the KD term of a batch."""
 
@@ -144,19 +144,6 @@ class CrossTokenizerLoss:
             teacher_side = merged_log_probs(teacher.logits[:, :-1], teacher.teacher_ids[:, 1:], block, t0, t1,
                                             temperature)
         return self.per_span(student, teacher_side, teacher.shared, temperature).mean()
-
-    def params(self) -> dict[str, float]:
-        """The parameters the object was made with."""
-        return dict(vars(self))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.params() == self.params()
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self.params().items()))))
 
 
 class ULD(CrossTokenizerLoss):

@@ -95,7 +95,24 @@ DIVERGENCES: dict[str, type[Divergence]] = {}
 """Every :class:`Divergence` subclass by its ``name`` (filled as the classes are defined)."""
 
 
-class Divergence:
+class Parameters:
+    """A loss object compared, hashed and shown by the parameters it was made with (its attributes)."""
+
+    def params(self) -> dict[str, float]:
+        """The parameters the object was made with."""
+        return dict(vars(self))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.params() == self.params()
+
+    def __hash__(self) -> int:
+        return hash((type(self), tuple(sorted(self.params().items()))))
+
+
+class Divergence(Parameters):
     """A divergence D(p_teacher, p_student), computed per token from log-probs.
 
     Subclasses set ``name`` (which registers them in :data:`DIVERGENCES`), take their parameters as typed,
@@ -133,19 +150,6 @@ class Divergence:
         """
         per_token = divergence_per_token(self, student_logits, teacher_logits, temperature)  # (N,)
         return reduce_tokens(per_token, labels, num_tokens)
-
-    def params(self) -> dict[str, float]:
-        """The parameters the object was made with."""
-        return dict(vars(self))
-
-    def __repr__(self) -> str:
-        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.params().items())})"
-
-    def __eq__(self, other: object) -> bool:
-        return type(other) is type(self) and other.params() == self.params()
-
-    def __hash__(self) -> int:
-        return hash((type(self), tuple(sorted(self.params().items()))))
 
 
 class ForwardKL(Divergence):
