@@ -23,13 +23,14 @@ from lightning_distill.losses import GeneralizedJSD, SkewKL
 from lightning_distill.options import Optimization
 
 LR_5E4, LR_1E3, LR_2E3 = (Optimization(learning_rate=lr) for lr in (5e-4, 1e-3, 2e-3))
+FROZEN_EMB_5E4 = Optimization(learning_rate=5e-4, train_embeddings=False)
 CANDIDATES: dict[str, dict] = {  # SoftDistill arguments; quality.run adds performance (teacher_dtype, chunk_size=0)
     "ce_only": {"ce_weight": 1.0, "optimization": LR_5E4},
-    "ce_only_frozen_emb": {"ce_weight": 1.0, "train_embeddings": False, "optimization": LR_5E4},
+    "ce_only_frozen_emb": {"ce_weight": 1.0, "optimization": FROZEN_EMB_5E4},
     "fkl_pure": {"ce_weight": 0.0, "optimization": LR_5E4},
     "fkl_ce0.5": {"ce_weight": 0.5, "optimization": LR_5E4},
-    "fkl_ce0.5_frozen_emb": {"ce_weight": 0.5, "train_embeddings": False, "optimization": LR_5E4},
-    "fkl_pure_frozen_emb": {"ce_weight": 0.0, "train_embeddings": False, "optimization": LR_5E4},
+    "fkl_ce0.5_frozen_emb": {"ce_weight": 0.5, "optimization": FROZEN_EMB_5E4},
+    "fkl_pure_frozen_emb": {"ce_weight": 0.0, "optimization": FROZEN_EMB_5E4},
     "fkl_ce0.5_lr1e-3": {"ce_weight": 0.5, "optimization": LR_1E3},
     "fkl_ce0.5_T2": {"ce_weight": 0.5, "temperature": 2.0, "optimization": LR_5E4},
     "ce_only_lr1e-3": {"ce_weight": 1.0, "optimization": LR_1E3},

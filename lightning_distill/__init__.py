@@ -11,6 +11,7 @@ from lightning_distill.options import (
     Performance,
     Schedule,
     Served,
+    Teachers,
     Validation,
 )
 
@@ -29,6 +30,7 @@ __all__ = [
     "Schedule",
     "Served",
     "SoftDistill",
+    "Teachers",
     "Validation",
     "build_student",
     "check_tokenizers",

@@ -22,7 +22,7 @@ import os
 import shutil
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -266,6 +266,7 @@ class Run:
         student: the student model (on-policy sampling and its validation metric).
         step: the optimizer step under way.
         rank: this process's global rank.
+        teachers: several named teachers' models (:class:`~lightning_distill.options.Teachers`), by name.
     """
 
     teacher: nn.Module | None
@@ -274,6 +275,7 @@ class Run:
     student: nn.Module | None = None
     step: int = 0
     rank: int = 0
+    teachers: dict[str, nn.Module] = field(default_factory=dict)
 
 
 HIDDEN_METHOD = "distill_final_hidden"  # a sharded model's method that FSDP2 treats as a forward (sharding.py)

@@ -8,7 +8,9 @@
   both distributions coarse-grained to the stored ids + the rest (top-k) or an unbiased estimate (sampled);
 - with ``validation.new_tokens > 0`` (on-policy view, :func:`lightning_distill.signals.sampled.greedy_scores`):
   ``teacher_logprob``, the teacher's mean log-prob of the student's own greedy continuations of held-out prompts,
-  and ``on_policy_rkl``, KL(student || teacher) on them.
+  and ``on_policy_rkl``, KL(student || teacher) on them;
+- with several teachers (:mod:`lightning_distill.signals.several`), each teacher's ``kl``, ``agreement`` and
+  ``teacher_ce`` (``teacher_ppl``) again as ``<metric>_<teacher name>``.
 
 Each is a mean over valid target tokens, accumulated over the validation run by :class:`ValidationMetrics`.
 """
@@ -24,6 +26,7 @@ from lightning_distill.losses import IGNORE_INDEX, ForwardKL, cross_entropy, red
 #: token-weighted validation means; ``ce`` and ``teacher_ce`` are also logged as perplexities
 NAMES = ("ce", "kl", "agreement", "teacher_ce", "teacher_logprob", "on_policy_rkl")
 PREFIXES = ("val", "val_ood")
+PER_TEACHER = ("kl", "agreement", "teacher_ce")  # logged again per named teacher as <name>_<teacher>
 
 
 def agreement(student_logits: Tensor, teacher_picks: Tensor, labels: Tensor) -> Tensor:
@@ -59,11 +62,16 @@ def against_stored(student_logits: Tensor, stored: dict[str, Tensor], labels: Te
 
 
 class ValidationMetrics(torch.nn.Module):
-    """Token-weighted means of :data:`NAMES` under each prefix of :data:`PREFIXES`."""
+    """Token-weighted means of :data:`NAMES` under each prefix of :data:`PREFIXES`.
 
-    def __init__(self) -> None:
+    Args:
+        teachers: names of several teachers, whose :data:`PER_TEACHER` metrics are kept too.
+    """
+
+    def __init__(self, teachers: tuple[str, ...] = ()) -> None:
         super().__init__()
-        self.means = torch.nn.ModuleDict({f"{p}/{n}": MeanMetric() for p in PREFIXES for n in NAMES})
+        names = NAMES + tuple(f"{n}_{t}" for t in teachers for n in PER_TEACHER)
+        self.means = torch.nn.ModuleDict({f"{p}/{n}": MeanMetric() for p in PREFIXES for n in names})
 
     def reset(self) -> None:
         """Fresh states as normal tensors: states created under inference mode (by ``trainer.validate``) could
@@ -72,10 +80,13 @@ class ValidationMetrics(torch.nn.Module):
             for metric in self.means.values():
                 metric.reset()
 
-    def update(self, prefix: str, values: dict[str, Tensor], tokens: Tensor) -> None:
-        """Add one batch's means, weighted by its number of valid ``tokens``."""
+    def update(self, prefix: str, values: dict[str, Tensor], tokens: Tensor,
+               weights: dict[str, Tensor] | None = None) -> None:
+        """Add one batch's means, weighted by its number of valid ``tokens`` (or by ``weights[name]``: the tokens
+        a metric is a mean over, when that is fewer)."""
         for name, value in values.items():
-            self.means[f"{prefix}/{name}"].update(value.detach().float(), tokens.float())
+            weight = (weights or {}).get(name, tokens)
+            self.means[f"{prefix}/{name}"].update(value.detach().float(), weight.float())
 
     def compute(self) -> dict[str, Tensor]:
         """The means of every updated metric, plus ``ppl`` / ``teacher_ppl`` (exp of the clamped CE)."""
@@ -85,6 +96,7 @@ class ValidationMetrics(torch.nn.Module):
                 continue
             out[key] = value = metric.compute()
             prefix, name = key.split("/")
-            if name in ("ce", "teacher_ce"):
-                out[f"{prefix}/{'ppl' if name == 'ce' else 'teacher_ppl'}"] = torch.exp(value.clamp(max=30))
+            if name == "ce" or name.startswith("teacher_ce"):
+                ppl = "ppl" if name == "ce" else "teacher_ppl" + name.removeprefix("teacher_ce")
+                out[f"{prefix}/{ppl}"] = torch.exp(value.clamp(max=30))
         return out

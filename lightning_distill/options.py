@@ -14,7 +14,8 @@ Each group is a frozen dataclass that a method takes as one argument; YAML and t
 A bad value is a ``ValueError`` naming the field (``optimization.learning_rate``), the value and a valid one, raised
 when the group is made. String choices are ``Literal`` types (the CLI lists them); every method shares
 :class:`Optimization`, :class:`Performance` and :class:`Validation`; :class:`OnPolicy`, :class:`Features` and
-:class:`Served` are SoftDistill's, :class:`Generation` HardDistill's and :class:`Schedule` CoDistill's.
+:class:`Served` are SoftDistill's, :class:`Generation` HardDistill's, :class:`Schedule` CoDistill's, and
+:class:`Teachers` (several named teachers, given as ``teacher=``) SoftDistill's and HardDistill's.
 """
 
 from __future__ import annotations
@@ -43,18 +44,23 @@ class Optimization:
         warmup_steps: linear warmup steps, >= 0; then cosine decay to ``min_lr_ratio * learning_rate`` at the last
             step.
         min_lr_ratio: final learning rate as a fraction of the peak, in [0, 1].
+        train_embeddings: train the student's token embeddings and output head (tied in SmolLM2). ``False`` keeps
+            the teacher's vocabulary geometry fixed and trains only the transformer layers.
     """
 
     learning_rate: float = 1e-3
     weight_decay: float = 0.0
     warmup_steps: int = 10
     min_lr_ratio: float = 0.1
+    train_embeddings: bool = True
 
     def __post_init__(self) -> None:
         checks.number("optimization.learning_rate", self.learning_rate, "> 0", lambda v: v > 0, "1e-3")
         checks.number("optimization.weight_decay", self.weight_decay, ">= 0", lambda v: v >= 0, "0.0")
         checks.integer("optimization.warmup_steps", self.warmup_steps, ">= 0", lambda v: v >= 0, "10")
         checks.number("optimization.min_lr_ratio", self.min_lr_ratio, "in [0, 1]", lambda v: 0 <= v <= 1, "0.1")
+        checks.require(isinstance(self.train_embeddings, bool), "optimization.train_embeddings",
+                       self.train_embeddings, "True or False")
 
 
 @dataclass(frozen=True)
@@ -135,7 +141,8 @@ class OnPolicy:
         temperature: the student's sampling temperature > 0 (1: its own distribution).
         top_p: the student's nucleus sampling mass in (0, 1].
         prompts: a JSONL prompt file (``{"prompt": ...}`` or ``{"messages": [...]}`` per line, the latter rendered
-            with the chat template); ``None``: prompts from the corpus blocks.
+            with the chat template), or a list of them (several teachers: ``teacher.sources`` names each file's
+            teacher); ``None``: prompts from the corpus blocks.
     """
 
     lmbda: float = 0.5
@@ -145,7 +152,7 @@ class OnPolicy:
     max_new_tokens: int = 64
     temperature: float = 1.0
     top_p: float = 1.0
-    prompts: str | None = None
+    prompts: str | list[str] | None = None
 
     def __post_init__(self) -> None:
         checks.number("on_policy.lmbda", self.lmbda, "in [0, 1] (the share of on-policy batches)",
@@ -288,6 +295,63 @@ class Served:
                              "served.kind='topk', or lightning-distill serve (served.protocol='auto')")
 
 
+@dataclass(frozen=True)
+class Teachers:
+    """Several named teachers in one run (SoftDistill, HardDistill ``mode="top1"``), and which of them grades which
+    tokens: per source (each corpus entry or on-policy prompt file names its teacher: domain experts) or a weighted
+    mixture of their distributions at every position.
+
+    Args:
+        models: teacher name (an identifier, e.g. ``code``) -> anything ``teacher=`` takes alone (the embedded
+            default, a Hugging Face id or folder, a server's URL). The first is the run's main teacher: a
+            ``from_teacher`` student is pruned from it and reads with its tokenizer, which every other must share.
+        sources: corpus entry (as written in ``data.corpus``) or on-policy prompt file -> teacher name: each block,
+            and each prompt's continuation, is graded by its source's teacher. Every corpus entry must be named.
+        weights: teacher name -> weight > 0: every position is graded by the mixture ``sum_i w_i p_i`` of the
+            teachers' (tempered) distributions, the weights normalized; live teachers only.
+        labels: teacher name -> label store folder written by that teacher (``lightning-distill predict``): its
+            targets are read from there; a store written by another teacher is refused.
+    """
+
+    models: dict[str, str]
+    sources: dict[str, str] | None = None
+    weights: dict[str, float] | None = None
+    labels: dict[str, str] | None = None
+
+    def __post_init__(self) -> None:
+        models = self.models
+        checks.require(isinstance(models, dict) and len(models) >= 2, "teacher.models", models,
+                       "two or more named teachers", "e.g. {'code': 'builtin:smollm2-135m-instruct', 'prose': "
+                       "'runs/prose-teacher'}; one teacher is teacher='NAME'")
+        for name, spec in models.items():
+            checks.require(isinstance(name, str) and name.isidentifier(), "teacher.models", name,
+                           "teacher names that are identifiers", "e.g. 'code', 'prose'")
+            checks.require(isinstance(spec, str) and bool(spec), f"teacher.models.{name}", spec,
+                           "a model name, folder or server URL")
+        checks.require((self.sources is None) != (self.weights is None), "teacher", self,
+                       "exactly one rule: teacher.sources (per source) or teacher.weights (a mixture)",
+                       "e.g. sources={'builtin:python-docs': 'code', 'builtin:shakespeare': 'prose'}")
+        rules = (("sources", self.sources, lambda v: v in models, f"a teacher name ({', '.join(models)})"),
+                 ("weights", self.weights, lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0,
+                  "a weight > 0"),
+                 ("labels", self.labels, lambda v: isinstance(v, str) and bool(v), "a label store folder"))
+        for field, mapping, ok, expected in rules:
+            if mapping is None:
+                continue
+            checks.require(isinstance(mapping, dict) and bool(mapping), f"teacher.{field}", mapping,
+                           "a non-empty map")
+            for key, value in mapping.items():
+                checks.require(ok(value), f"teacher.{field}.{key}", value, expected)
+        for field, mapping in (("weights", self.weights), ("labels", self.labels)):
+            for name in mapping or {}:
+                checks.require(name in models, f"teacher.{field}", name, f"a teacher name ({', '.join(models)})")
+
+    @property
+    def main(self) -> str:
+        """The first teacher's name (the student is pruned from it; its tokenizer is the run's)."""
+        return next(iter(self.models))
+
+
 # A method's saved hyperparameters hold these: checkpoints load them with torch.load(weights_only=True).
 torch.serialization.add_safe_globals([Optimization, Performance, Validation, OnPolicy, Features, Generation, Schedule,
-                                      Served])
+                                      Served, Teachers])

@@ -18,22 +18,33 @@ from lightning_distill import files
 
 
 class PromptFile:
-    """Tokenized prompts of a JSONL file, served in seeded batches.
+    """Tokenized prompts of a JSONL file (or of several: drawn from all alike), served in seeded batches.
 
     Args:
-        path: the JSONL file.
+        path: the JSONL file, or a list of them (each prompt remembers its file: several teachers route by it).
         tokenizer: the student's (and teacher's) tokenizer.
         max_tokens: keep at most the last this-many tokens of a prompt (its end is what the model continues).
         prompt_field: the field holding plain-text prompts.
     """
 
-    def __init__(self, path: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int,
+    def __init__(self, path: str | list[str], tokenizer: PreTrainedTokenizerBase, max_tokens: int,
                  prompt_field: str = "prompt") -> None:
+        self.ids: list[list[int]] = []
+        self.files: list[str] = []  # the file of each prompt
+        for one in [path] if isinstance(path, str) else path:
+            found = self.read(one, tokenizer, max_tokens, prompt_field)
+            self.ids += found
+            self.files += [one] * len(found)
+        self.pad_id = tokenizer.pad_token_id
+
+    @staticmethod
+    def read(path: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int, prompt_field: str) -> list[list[int]]:
+        """The token ids of each prompt of one file."""
         file = Path(path)
+        found: list[list[int]] = []
         if not file.is_file():
             raise ValueError(f"prompts={path!r} is not a file: give a JSONL file with one {{{prompt_field!r}: ...}} "
                              "or {'messages': [...]} object per line")
-        self.ids: list[list[int]] = []
         for number, line in enumerate(file.read_text(encoding="utf-8").splitlines(), start=1):
             if not line.strip():
                 continue
@@ -49,19 +60,19 @@ class PromptFile:
                 raise ValueError(f"prompts={path!r}, line {number}: no string field {prompt_field!r} and no "
                                  "'messages' list")
             if ids:
-                self.ids.append(list(ids)[-max_tokens:])
-        if not self.ids:
+                found.append(list(ids)[-max_tokens:])
+        if not found:
             raise ValueError(f"prompts={path!r} holds no prompt")
-        self.pad_id = tokenizer.pad_token_id
+        return found
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def batch(self, size: int, seed: int) -> dict[str, Tensor]:
         """``size`` prompts drawn with a generator seeded by ``seed``, left-padded: ``input_ids``,
-        ``attention_mask`` and ``position_ids``, each (B, P)."""
+        ``attention_mask`` and ``position_ids``, each (B, P); ``source_names``: each prompt's file."""
         rows = torch.randint(len(self.ids), (size,), generator=torch.Generator().manual_seed(seed)).tolist()
-        return left_pad([self.ids[i] for i in rows], self.pad_id)
+        return {**left_pad([self.ids[i] for i in rows], self.pad_id), "source_names": [self.files[i] for i in rows]}
 
 
 def left_pad(prompts: list[list[int]], pad_id: int) -> dict[str, Tensor]:

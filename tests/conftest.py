@@ -48,6 +48,12 @@ def tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
 
 
 @pytest.fixture(scope="session")
+def second_tiny_teacher_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A second tiny teacher: the same shape and tokenizer as ``tiny_teacher_dir``, other random weights."""
+    return str(make_tiny_model_dir(tmp_path_factory.mktemp("second_tiny_teacher"), seed=1))
+
+
+@pytest.fixture(scope="session")
 def tiny_student_tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Path of a second tokenizer for cross-tokenizer students of the tiny teacher: a byte-level BPE of 512 tokens
     trained on other documents than the teacher's (``<|endoftext|>`` its EOS), so the vocabularies share some tokens

@@ -75,7 +75,7 @@ def test_no_compatibility_shims():
 
 
 OPTION_GROUPS = [options.Optimization, options.Performance, options.Validation, options.OnPolicy, options.Features,
-                 options.Served, options.Generation, options.Schedule]
+                 options.Served, options.Generation, options.Schedule, options.Teachers]
 
 
 @pytest.mark.parametrize("group", OPTION_GROUPS, ids=lambda g: g.__name__)
@@ -85,4 +85,15 @@ def test_option_groups_are_frozen_documented_and_typed(group):
     for field in dataclasses.fields(group):
         assert field.name in hints
         assert f"{field.name}:" in group.__doc__, f"{group.__name__}.{field.name} is not documented"
-    group()  # the defaults pass the checks
+    if all(f.default is not dataclasses.MISSING for f in dataclasses.fields(group)):
+        group()  # the defaults pass the checks
+
+
+@pytest.mark.parametrize("method", ["SoftDistill", "HardDistill", "CoDistill"])
+def test_methods_take_at_most_15_top_level_arguments(method):
+    """Options are grouped (lightning_distill.options), so a method's signature stays readable."""
+    import inspect
+
+    import lightning_distill
+
+    assert len(inspect.signature(getattr(lightning_distill, method)).parameters) <= 15

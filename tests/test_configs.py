@@ -3,6 +3,7 @@ tiny config runs ``fit`` end to end in a subprocess (as litgpt's tests/test_conf
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -48,8 +49,12 @@ def test_config_parses(path, capsys):
 
 @pytest.mark.parametrize("path", TINY, ids=lambda p: p.stem)
 def test_tiny_config_fits(path, tiny_teacher_dir, tmp_path):
-    command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(path),
-               "--model.init_args.teacher", tiny_teacher_dir, "--trainer.default_root_dir", str(tmp_path)]
+    teacher = yaml.safe_load(path.read_text())["model"]["init_args"].get("teacher")
+    several = isinstance(teacher, dict) and "models" in teacher  # named teachers: each is the tiny one
+    setting = (["--model.init_args.teacher.models", json.dumps({name: tiny_teacher_dir for name in teacher["models"]})]
+               if several else ["--model.init_args.teacher", tiny_teacher_dir])
+    command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(path), *setting,
+               "--trainer.default_root_dir", str(tmp_path)]
     env = {**os.environ, "PYTHONPATH": str(REPO)}  # this checkout, whatever the venv has installed
     done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

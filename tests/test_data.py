@@ -144,6 +144,26 @@ def test_blocks_are_the_packed_tokens_of_each_split(tok):
     assert not torch.equal(other.val_blocks[:1], dm.val_blocks[:1])
 
 
+def test_each_corpus_entry_is_packed_apart_and_batches_name_it(tok, tmp_path):
+    """A corpus of several entries: no block mixes two (words in one, numbers in the other), and each batch says
+    which entry each block is from (several teachers route by it)."""
+    draws = [torch.randint(1000, (150,), generator=torch.Generator().manual_seed(s)).tolist() for s in range(8)]
+    numbers = [" ".join(map(str, draw)) for draw in draws]
+    texts = ([prose(150, seed=s) for s in range(20, 30)], numbers)
+    paths = [write(tmp_path / f"entry{i}.jsonl", "".join(json.dumps({"text": t}) + "\n" for t in docs))
+             for i, docs in enumerate(texts)]
+    dm = built(tok, corpus=paths, block_size=32, batch_size=8, val_fraction=0.5)
+    batches = list(dm.train_dataloader())
+    sources, blocks = torch.cat([b["source"] for b in batches]), torch.cat([b["input_ids"] for b in batches])
+    vocab = [{i for t in docs for i in tok(t, add_special_tokens=False)["input_ids"]} | {tok.eos_token_id}
+             for docs in texts]
+    assert vocab[0] - vocab[1] and vocab[1] - vocab[0]  # a block mixing the two would be seen
+    assert set(sources.tolist()) == {0, 1}
+    for block, source in zip(blocks.tolist(), sources.tolist(), strict=True):
+        assert set(block) <= vocab[source]
+    assert "source" not in next(iter(built(tok, corpus=paths[0], block_size=32).train_dataloader()))  # one entry
+
+
 # --- token cache --------------------------------------------------------------------------------------------
 
 

@@ -15,7 +15,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.utilities import rank_zero_info
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.utils.data import DataLoader, Dataset
 from transformers import PreTrainedTokenizerBase
 
@@ -31,7 +31,8 @@ class DistillDataModule(L.LightningDataModule):
 
     Batches are dicts: ``input_ids`` (B, T) long; ``labels`` (B, T) long, equal to ``input_ids`` (the model
     shifts); ``block_idx`` (B,) long, the index of each block within its split, by which stored teacher labels
-    are joined.
+    are joined; with a corpus of several entries, ``source`` (B,) long: the index in ``corpus`` of the entry each
+    block comes from (each entry is packed apart, so a block never mixes two; several teachers route by it).
     ``val_dataloader`` and ``test_dataloader`` serve the validation split in order; ``predict_dataloader``
     serves the train split in order, or the blocks a label writer planned (:meth:`plan_predict`).
 
@@ -92,6 +93,7 @@ class DistillDataModule(L.LightningDataModule):
         self._train_blocks: torch.Tensor | None = None  # (N_train, T)
         self._val_blocks: torch.Tensor | None = None  # (N_val, T)
         self._ood_blocks: torch.Tensor | None = None  # (N_ood, T)
+        self._sources: dict[str, torch.Tensor] = {}  # split -> corpus entry of each block (N,), several entries
         self._plan: dict[str, list[int]] | None = None  # split -> blocks predict serves (label writer)
         self._resume_at: dict[str, int] | None = None  # {"epoch", "batches"} restored from a checkpoint
 
@@ -102,12 +104,18 @@ class DistillDataModule(L.LightningDataModule):
                        "lightning_distill.load_tokenizer(name), or pass DistillDataModule(tokenizer=name)")
         self._tokenizer, self._max_positions = tokenizer, max_positions
         self._train_blocks = self._val_blocks = self._ood_blocks = None
+        self._sources = {}
 
     @property
     def train_blocks(self) -> torch.Tensor:
         """Packed train blocks, LongTensor (N_train, T), built by :meth:`setup` (a prepared corpus: random access
         to its blocks on disk, :class:`~lightning_distill.data.streaming.StreamedBlocks`)."""
         return _built(self._train_blocks)
+
+    @property
+    def streamed(self) -> bool:
+        """Whether the corpus is a prepared one, streamed (its blocks record no source)."""
+        return self._stream is not None
 
     @property
     def val_blocks(self) -> torch.Tensor:
@@ -166,14 +174,24 @@ class DistillDataModule(L.LightningDataModule):
         tokenizer, cache = self._cached_tokens(self.hparams.corpus, self.hparams.max_documents)
         with np.load(cache) as data:
             tokens, offsets, doc_ids = data["tokens"], data["offsets"], data["doc_ids"]  # (N,) (D+1,) (D,)
+            entries = data["doc_entries"]  # (D,)
             n_docs = int(json.loads(str(data["meta"]))["n_docs"])
         hp = self.hparams
         row = {int(doc): i for i, doc in enumerate(doc_ids)}  # source index -> row in the cache
         splits = split_documents(n_docs, hp.val_fraction, hp.seed, hp.max_documents)
+        corpus = [hp.corpus] if isinstance(hp.corpus, str) else list(hp.corpus)
         blocks = []
         for name, ids in zip(SPLITS, splits, strict=True):
-            docs = [tokens[offsets[row[i]] : offsets[row[i] + 1]] for i in ids]
-            blocks.append(pack(docs, hp.block_size, tokenizer.eos_token_id))  # (N, T)
+            packed = []  # each entry's documents packed apart: a block never mixes two entries
+            for entry in range(len(corpus)):
+                docs = [tokens[offsets[row[i]] : offsets[row[i] + 1]] for i in ids if entries[row[i]] == entry]
+                packed.append(pack(docs, hp.block_size, tokenizer.eos_token_id))  # (N_e, T)
+                if len(corpus) > 1 and docs and len(packed[-1]) == 0:
+                    rank_zero_warn(f"corpus entry {corpus[entry]!r} gives no {name} block: its {len(docs)} {name} "
+                                   f"document(s) hold fewer than block_size={hp.block_size} tokens")
+            blocks.append(torch.cat(packed))  # (N, T)
+            if len(corpus) > 1:
+                self._sources[name] = torch.cat([torch.full((len(b),), e) for e, b in enumerate(packed)])
             if len(blocks[-1]) == 0:
                 raise ValueError(
                     f"the {name} split of corpus {hp.corpus!r} has {sum(len(d) + 1 for d in docs)} tokens "
@@ -210,7 +228,7 @@ class DistillDataModule(L.LightningDataModule):
             self._resume_at, epoch = None, at["epoch"]
             return self._stream.loader("train", hp.block_size, batch_size=hp.batch_size, num_workers=hp.num_workers,
                                        shuffle=True, seed=hp.seed, epoch=epoch)
-        dataset = BlockDataset(self.train_blocks)
+        dataset = BlockDataset(self.train_blocks, self._sources.get("train"))
         trainer = self.trainer
         replicas, rank = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         at = self._resume_at or {"epoch": 0, "batches": 0}
@@ -241,7 +259,8 @@ class DistillDataModule(L.LightningDataModule):
         hp = self.hparams
         if self._stream is not None:
             return self._stream.loader(split, hp.block_size, batch_size=hp.batch_size, num_workers=hp.num_workers)
-        return self._loader(BlockDataset(self.train_blocks if split == "train" else self.val_blocks))
+        blocks = self.train_blocks if split == "train" else self.val_blocks
+        return self._loader(BlockDataset(blocks, self._sources.get(split)))
 
     def _loader(self, dataset: Dataset, sampler: ResumableSampler | None = None) -> DataLoader:
         workers = self.hparams.num_workers

@@ -29,16 +29,16 @@ from lightning_distill.data.sources import documents, expand_sources, source_ide
 from lightning_distill.files import atomic_write
 
 SPLITS = ("train", "validation")  # the splits of every corpus, in this order (that of split_documents' result)
-CACHE_VERSION = 1  # bump when the cache layout or the tokenization changes
+CACHE_VERSION = 2  # bump when the cache layout or the tokenization changes
 PROGRESS_ABOVE = 1000  # show a progress bar when tokenizing more documents than this
 TOKENIZE_BATCH = 256  # documents per tokenizer call
 
 
 def cached_tokens(corpus: str | list[str], tokenizer: PreTrainedTokenizerBase, *, text_field: str = "text",
                   max_documents: int | None = None, val_fraction: float = 0.1, seed: int = 0) -> Path:
-    """The cache file of a corpus' token ids (``tokens`` (N,), ``offsets`` (D+1,), ``doc_ids`` (D,), ``meta``),
-    tokenizing on a cache miss. With ``max_documents`` only the documents :func:`split_documents` keeps are
-    tokenized."""
+    """The cache file of a corpus' token ids (``tokens`` (N,), ``offsets`` (D+1,), ``doc_ids`` (D,),
+    ``doc_entries`` (D,): the index of each document's entry in ``corpus``, ``meta``), tokenizing on a cache miss.
+    With ``max_documents`` only the documents :func:`split_documents` keeps are tokenized."""
     key = {
         "version": CACHE_VERSION,
         "sources": [source_identity(kind, at, text_field) for kind, at in expand_sources(corpus)],
@@ -50,7 +50,10 @@ def cached_tokens(corpus: str | list[str], tokenizer: PreTrainedTokenizerBase, *
     path = token_cache_dir() / f"tokens-{digest}.npz"
     if path.exists():
         return path
-    texts = documents(corpus, text_field)
+    entries = [corpus] if isinstance(corpus, str) else list(corpus)
+    per_entry = [documents(entry, text_field) for entry in entries]
+    texts = [text for found in per_entry for text in found]
+    entry_of = np.repeat(np.arange(len(entries)), [len(found) for found in per_entry])  # (all documents,)
     if max_documents is None:
         doc_ids = np.arange(len(texts), dtype=np.int64)  # (D,)
     else:
@@ -62,7 +65,7 @@ def cached_tokens(corpus: str | list[str], tokenizer: PreTrainedTokenizerBase, *
     tokens = np.concatenate([np.asarray(x, dtype=np.int32) for x in ids])  # (N,)
     meta = np.array(json.dumps({**key, "n_docs": len(texts), "corpus": corpus}))
     buffer = io.BytesIO()
-    np.savez(buffer, tokens=tokens, offsets=offsets, doc_ids=doc_ids, meta=meta)
+    np.savez(buffer, tokens=tokens, offsets=offsets, doc_ids=doc_ids, doc_entries=entry_of[doc_ids], meta=meta)
     atomic_write(path, buffer.getvalue())
     rank_zero_info(f"[lightning_distill] tokenized {len(ids)} documents ({len(tokens)} tokens) into {path}")
     return path
@@ -130,17 +133,21 @@ def token_cache_dir() -> Path:
 
 
 class BlockDataset(Dataset):
-    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T)."""
+    """Items ``{"input_ids": (T,), "labels": (T,), "block_idx": int}`` of packed blocks (N, T), and ``"source"``:
+    the index of the block's corpus entry, when ``sources`` (N,) is given (a corpus of several entries)."""
 
-    def __init__(self, blocks: torch.Tensor) -> None:
-        self.blocks = blocks  # (N, T)
+    def __init__(self, blocks: torch.Tensor, sources: torch.Tensor | None = None) -> None:
+        self.blocks, self.sources = blocks, sources  # (N, T), (N,)
 
     def __len__(self) -> int:
         return len(self.blocks)
 
     def __getitem__(self, index: int) -> dict[str, Any]:
         block = self.blocks[index]  # (T,)
-        return {"input_ids": block, "labels": block.clone(), "block_idx": index}
+        item = {"input_ids": block, "labels": block.clone(), "block_idx": index}
+        if self.sources is not None:
+            item["source"] = int(self.sources[index])
+        return item
 
 
 class PlannedBlocks(IterableDataset):

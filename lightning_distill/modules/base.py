@@ -46,6 +46,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_distill import checks, pruning, sharding, speedups
 from lightning_distill.backbone import (
     DEFAULT_TEACHER,
+    PROBE_TEXT,
     Run,
     as_dtype,
     final_hidden,
@@ -69,10 +70,11 @@ from lightning_distill.losses import (
 from lightning_distill.metrics import ValidationMetrics
 from lightning_distill.modules import building
 from lightning_distill.modules import checkpoint as saved
-from lightning_distill.options import Optimization, Performance, Validation
+from lightning_distill.options import Optimization, Performance, Teachers, Validation
 from lightning_distill.serve.client import is_url
 from lightning_distill.signals import Distribution, LiveTeacher, ServedTeacher, TeacherSignal
 from lightning_distill.signals.sampled import greedy_scores
+from lightning_distill.signals.several import Routed, select
 
 # A frozen teacher is in eval mode on purpose; Lightning warns about eval-mode modules at fit start.
 warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
@@ -86,14 +88,13 @@ class DistillModule(L.LightningModule):
     Args:
         teacher: teacher model name: ``builtin:smollm2-135m-instruct``, a Hugging Face id or a local folder; ``None``
             when the signal comes from stored labels and the student is a named model; SoftDistill also takes the
-            URL of a teacher server (``"http://HOST:PORT"``, or a list of URLs; :mod:`lightning_distill.serve`).
+            URL of a teacher server (``"http://HOST:PORT"``, or a list of URLs; :mod:`lightning_distill.serve`);
+            SoftDistill and HardDistill take several named teachers (:class:`~lightning_distill.options.Teachers`).
         student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher; ``None``: 6 layers), a model
             name, or ``{"config": {...}}`` for a fresh random model.
         tokenizer: model name whose tokenizer to use; default the teacher's (or the student's when it is a name
             and there is no teacher).
         optimization: learning rate and schedule (:class:`~lightning_distill.options.Optimization`).
-        train_embeddings: train the student's token embeddings and output head (tied in SmolLM2). ``False``
-            keeps the teacher's vocabulary geometry fixed and trains only the transformer layers.
         performance: memory, speed and layout (:class:`~lightning_distill.options.Performance`).
         validation: the on-policy view at validation (:class:`~lightning_distill.options.Validation`).
     """
@@ -102,14 +103,15 @@ class DistillModule(L.LightningModule):
     trains_teacher: bool = False
     #: whether the method takes a teacher behind a server (``teacher="http://HOST:PORT"``)
     accepts_served_teacher: bool = False
+    #: whether the method takes several named teachers (``teacher=Teachers(...)``)
+    accepts_several_teachers: bool = False
 
     def __init__(
         self,
-        teacher: str | list[str] | dict[str, Any] | None = DEFAULT_TEACHER,
+        teacher: str | list[str] | Teachers | dict[str, Any] | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         tokenizer: str | None = None,
         optimization: Optimization = Optimization(),
-        train_embeddings: bool = True,
         performance: Performance = Performance(),
         validation: Validation = Validation(),
     ) -> None:
@@ -119,7 +121,11 @@ class DistillModule(L.LightningModule):
                                   ("performance", performance, Performance), ("validation", validation, Validation)):
             checks.require(isinstance(value, kind), name, value, f"{kind.__name__}(...)",
                            f"write {name}={kind.__name__}(...) (from lightning_distill.options)")
-        checks.require(isinstance(train_embeddings, bool), "train_embeddings", train_embeddings, "True or False")
+        checks.require(not isinstance(teacher, Teachers) or self.accepts_several_teachers, "teacher", teacher,
+                       f"one teacher: {type(self).__name__} does not take several",
+                       "use SoftDistill or HardDistill(mode='top1') for several teachers")
+        several = teacher if isinstance(teacher, Teachers) else None
+        teacher = self.teacher_name  # with several teachers, the main one's (the student is pruned from it)
         spec = self.student_spec
         if teacher is None and isinstance(spec, dict) and "from_teacher" in spec:
             raise ValueError("student={'from_teacher': ...} needs a teacher name; set teacher= or name a student model")
@@ -137,6 +143,8 @@ class DistillModule(L.LightningModule):
         self.signal: TeacherSignal = LiveTeacher()
         self.student: PreTrainedModel | None = None
         self.teacher: PreTrainedModel | None = None
+        #: the other named teachers' models, kept frozen as the main :attr:`teacher` is (several teachers)
+        self.other_teachers = torch.nn.ModuleDict()
         # Loaded now (cheap) because the data module tokenizes before configure_model runs; a checkpoint being
         # loaded brings its own (checkpoint.restoring), so loading one does not need the teacher's folder.
         self._stored = saved.restored()
@@ -144,8 +152,10 @@ class DistillModule(L.LightningModule):
                 else "teacher" if isinstance(teacher, str) and not served else "student")
         self.tokenizer: PreTrainedTokenizerBase = (saved.tokenizer_from(self._stored) if self._stored and not tokenizer
                                                    else load_tokenizer(name, role))
+        if several is not None and not self._stored:
+            check_same_tokenizer(several, self.tokenizer)
         self.teacher_missing: str | None = None  # why a checkpoint's live teacher could not be loaded
-        self.val_metrics = ValidationMetrics()
+        self.val_metrics = ValidationMetrics(tuple(several.models) if several is not None else ())
         self.tokens = TokenWindow()
         #: what the step under way measured of itself (``generated_tokens``, ``generation_seconds``), read and
         #: cleared by the :class:`~lightning_distill.callbacks.Throughput` callback
@@ -159,8 +169,15 @@ class DistillModule(L.LightningModule):
 
     @property
     def teacher_name(self) -> str | list[str] | dict[str, Any] | None:
-        """The teacher as given (a name, a server's URL or URLs, CoDistill's ``{"config": ...}``, or ``None``)."""
-        return self.hparams.teacher
+        """The teacher as given (a name, a server's URL or URLs, CoDistill's ``{"config": ...}``, or ``None``);
+        with several teachers, the main (first) one's."""
+        teacher = self.hparams.teacher
+        return teacher.models[teacher.main] if isinstance(teacher, Teachers) else teacher
+
+    @property
+    def several_teachers(self) -> Teachers | None:
+        """The named teachers and their rule, when the run has several."""
+        return self.hparams.teacher if isinstance(self.hparams.teacher, Teachers) else None
 
     @property
     def local_teacher(self) -> str | dict[str, Any] | None:
@@ -172,9 +189,11 @@ class DistillModule(L.LightningModule):
     @property
     def run(self) -> Run:
         """What a teacher signal may use of this run: the models, the tokenizer, the step, the rank."""
+        several = self.several_teachers
+        teachers = {several.main: self.teacher, **self.other_teachers} if several is not None else {}
         return Run(teacher=self.teacher, tokenizer=self.tokenizer,
                    teacher_name=self.teacher_name if isinstance(self.teacher_name, str) else None,
-                   student=self.student, step=self.global_step, rank=self.global_rank)
+                   student=self.student, step=self.global_step, rank=self.global_rank, teachers=teachers)
 
     def needs_teacher(self) -> bool:
         """Whether this run keeps a teacher in memory (False when the signal comes from stored labels)."""
@@ -203,10 +222,9 @@ class DistillModule(L.LightningModule):
         reads (a label store is checked against the data here)."""
         if self.teacher_missing:  # loaded from a checkpoint whose live teacher is gone
             raise ValueError(self.teacher_missing)
-        manifest = self.signal.manifest
-        if manifest is not None:
+        for name, manifest in self.signal.stores().items():
             self.check_store(manifest)
-            self.check_store_teacher(manifest)
+            self.check_store_teacher(manifest, name)
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.signal.setup(self.run, stage, data)
 
@@ -218,19 +236,26 @@ class DistillModule(L.LightningModule):
     def check_store(self, manifest: dict[str, Any]) -> None:
         """Raise ``ValueError`` naming the argument to change when a label store cannot feed this method."""
 
-    def check_store_teacher(self, manifest: dict[str, Any]) -> None:
-        """Refuse a label store written by another teacher than the one this run names (their files' fingerprints
-        differ, :func:`~lightning_distill.backbone.teacher_fingerprint`), unless ``labels_any_teacher=True`` says
-        the labels may come from another teacher (a student pruned from a small model, labelled by a large one of
-        the same tokenizer)."""
-        stored, here = manifest.get("teacher_fingerprint"), teacher_fingerprint(self.local_teacher)
-        if self.hparams.get("labels_any_teacher") or same_teacher(stored, here):
+    def check_store_teacher(self, manifest: dict[str, Any], name: str | None = None) -> None:
+        """Refuse a label store written by another teacher than the one this run names for it (their files'
+        fingerprints differ, :func:`~lightning_distill.backbone.teacher_fingerprint`): the run's teacher, or with
+        several teachers the one named ``name``. ``labels_any_teacher=True`` lets the run's one store come from
+        another teacher (a student pruned from a small model, labelled by a large one of the same tokenizer)."""
+        several = self.several_teachers
+        given = several.models[name] if several is not None and name is not None else self.local_teacher
+        where = f"teacher.labels.{name}={several.labels[name]!r}" if several is not None and name is not None else (
+            f"labels={self.hparams.get('labels')!r}")
+        stored, here = manifest.get("teacher_fingerprint"), teacher_fingerprint(given)
+        if (self.hparams.get("labels_any_teacher") and several is None) or same_teacher(stored, here):
             return
-        raise ValueError(f"labels={self.hparams.get('labels')!r} was labelled by teacher {manifest.get('teacher')!r} "
-                         f"(config {stored['config']}, weights {stored['weights']}), and teacher={self.teacher_name!r} "
-                         f"is another model (config {here['config']}, weights {here['weights']}): name the teacher "
-                         "that labelled the store, or pass labels_any_teacher=True if the labels may come from "
-                         "another teacher")
+        fix = (f"give teacher.models.{name} the teacher that labelled the store, or label it anew with {given!r}"
+               if several is not None else "name the teacher that labelled the store, or pass "
+               "labels_any_teacher=True if the labels may come from another teacher")
+        who = f"teacher.models.{name}={given!r}" if several is not None and name is not None else (
+            f"teacher={self.teacher_name!r}")
+        raise ValueError(f"{where} was labelled by teacher {manifest.get('teacher')!r} (config {stored['config']}, "
+                         f"weights {stored['weights']}), and {who} is another model (config {here['config']}, "
+                         f"weights {here['weights']}): {fix}")
 
     def compares_vocabularies(self) -> bool:
         """Whether the method matches the student to the teacher id by id (then their vocabularies must agree)."""
@@ -248,6 +273,9 @@ class DistillModule(L.LightningModule):
     def sharding_problem(self, world_size: int) -> str | None:
         """Why this method's settings cannot be sharded (FSDP) on ``world_size`` ranks, with the fix; ``None``
         when they can."""
+        if self.several_teachers is not None and world_size > 1:
+            return ("several teachers are kept whole on every rank, not sharded: train them with DDP, or serve the "
+                    "large ones (teacher.models.NAME='http://HOST:PORT')")
         return None
 
     def trainable_models(self) -> list[tuple[torch.nn.Module, float]]:
@@ -301,6 +329,10 @@ class DistillModule(L.LightningModule):
             ``{"loss", "kd", "ce"}`` scalars, each a mean over this micro-batch's valid target tokens, and
             ``"tokens"``: that count.
         """
+        if isinstance(teacher, Routed):  # several teachers, each grading its rows: the token-weighted mean
+            return routed_loss(self.student_loss, teacher, input_ids, targets, divergence=divergence,
+                               ce_weight=ce_weight, temperature=temperature, attention_mask=attention_mask,
+                               position_ids=position_ids)
         hidden = final_hidden(self.student, input_ids, attention_mask=attention_mask,
                               position_ids=position_ids)[:, :-1]  # (B, T-1, H)
         labels = targets[:, 1:]  # (B, T-1)
@@ -375,7 +407,8 @@ class DistillModule(L.LightningModule):
         values = {"ce": cross_entropy(student, labels)}
         values.update(self.signal.validation_metrics(self.run, batch, student, labels, dataloader_idx))
         prefix = "val" if dataloader_idx == 0 else "val_ood"
-        self.val_metrics.update(prefix, values, (labels != IGNORE_INDEX).sum())
+        weights = self.signal.metric_tokens(batch, labels, dataloader_idx)
+        self.val_metrics.update(prefix, values, (labels != IGNORE_INDEX).sum(), weights)
         options = self.hparams.validation
         if options.new_tokens > 0 and dataloader_idx == 0 and self.teacher is not None:
             scores, tokens = greedy_scores(self.run, batch, options.prompt_tokens, options.new_tokens)
@@ -394,6 +427,10 @@ class DistillModule(L.LightningModule):
         ``{"block_idx": (B,), "logits": (B, T, V)}``; from a served teacher ``"records"`` instead, a function that
         asks the server for the batch's records in the writer's settings (the server encodes them as the writer
         would)."""
+        several = self.several_teachers
+        checks.require(several is None, "teacher", several, "one teacher to label a store with",
+                       "label with each teacher in a run of its own (teacher=NAME), then name each store under its "
+                       "teacher: teacher.labels={NAME: PATH}")
         if isinstance(self.signal, ServedTeacher):
             return {"block_idx": batch["block_idx"], "records": partial(self.signal.label_records, batch)}
         return {"block_idx": batch["block_idx"], "logits": LiveTeacher.logits(self.run, batch)}
@@ -471,6 +508,23 @@ def check_served(method: type, teacher: Any, student: Any, tokenizer: str | None
                          "model name or {'config': {...}}")
 
 
+def check_same_tokenizer(several: Teachers, tokenizer: PreTrainedTokenizerBase) -> None:
+    """Several teachers are compared with the student id by id: each must read with the main teacher's tokenizer
+    (same size, same ids on a probe text). Refused on construction, naming both teachers (a served one is checked
+    against the server's tokenizer when it connects)."""
+    main = f"teacher.models.{several.main}={several.models[several.main]!r}"
+    for name, spec in several.models.items():
+        if name == several.main or is_url(spec):
+            continue
+        other = load_tokenizer(spec, f"teacher.models.{name}")
+        if len(other) != len(tokenizer) or other.encode(PROBE_TEXT) != tokenizer.encode(PROBE_TEXT):
+            raise ValueError(f"teacher.models.{name}={spec!r} reads with another tokenizer (vocabulary {len(other)}) "
+                             f"than {main} (vocabulary {len(tokenizer)}), and several teachers are compared with the "
+                             "student id by id: give teachers of one tokenizer, or distil from the other teacher in "
+                             "a run of its own (SoftDistill(loss='uld' or 'gold') takes one teacher of another "
+                             "tokenizer)")
+
+
 def given_arguments(frame: types.FrameType | None) -> dict[str, Any]:
     """The arguments of the ``__init__`` calls of a DistillModule (sub)class under way, from ``frame`` (the base
     class's ``__init__``) outward: the subclass's values win. What ``save_hyperparameters()`` collects outside
@@ -479,6 +533,18 @@ def given_arguments(frame: types.FrameType | None) -> dict[str, Any]:
     for arguments in collect_init_args(frame, [], classes=(DistillModule,)):
         found.update(arguments)
     return found
+
+
+def routed_loss(loss: Any, teacher: Routed, input_ids: Tensor, targets: Tensor, **settings: Any) -> dict[str, Tensor]:
+    """:meth:`DistillModule.student_loss` (``loss``) of each teacher's rows against its distribution, combined into
+    the means over all the batch's valid target tokens (what one call on the whole batch would give)."""
+    batch = {"input_ids": input_ids, "targets": targets, "attention_mask": settings.pop("attention_mask"),
+             "position_ids": settings.pop("position_ids")}
+    parts = [loss(**select(batch, rows), teacher=distribution, **settings) for rows, distribution in teacher.parts]
+    tokens = sum(part["tokens"] for part in parts)
+    out = {key: sum(part[key] * part["tokens"] for part in parts) / tokens.clamp(min=1)
+           for key in parts[0] if key != "tokens"}
+    return {**out, "tokens": tokens}
 
 
 class TokenWindow:

@@ -57,6 +57,7 @@ def make_models(module: DistillModule) -> None:
     teacher_tokenizer = load_tokenizer(module.local_teacher, "teacher") if own is not None else module.tokenizer
     student = build_student(spec, teacher, teacher_tokenizer)
     keep(module, student, teacher if module.needs_teacher() else None)
+    hold_other_teachers(module)
     if isinstance(module.student_spec, str) and teacher is not None and module.compares_vocabularies():
         check_tokenizers(module.tokenizer, load_tokenizer(module.student_spec, "student"), module.teacher_name,
                          module.student_spec, teacher.config.vocab_size, module.student.config.vocab_size)
@@ -69,11 +70,11 @@ def make_models(module: DistillModule) -> None:
 
 
 def keep(module: DistillModule, student: PreTrainedModel, teacher: PreTrainedModel | None) -> None:
-    """Hold the student (embeddings frozen unless ``train_embeddings``) and the teacher this run keeps: trained
-    (CoDistill), or frozen in ``performance.teacher_dtype`` and hidden from DDP; then compile or patch them as the
-    module's performance options ask (:func:`lightning_distill.speedups.apply`)."""
+    """Hold the student (embeddings frozen unless ``optimization.train_embeddings``) and the teacher this run keeps:
+    trained (CoDistill), or frozen in ``performance.teacher_dtype`` and hidden from DDP; then compile or patch them
+    as the module's performance options ask (:func:`lightning_distill.speedups.apply`)."""
     module.student = student
-    if not module.hparams.train_embeddings:
+    if not module.hparams.optimization.train_embeddings:
         student.get_input_embeddings().requires_grad_(False)
         student.get_output_embeddings().requires_grad_(False)
     if teacher is not None:
@@ -88,6 +89,25 @@ def hold_teacher(module: DistillModule, teacher: PreTrainedModel) -> None:
     if not module.trains_teacher:  # DDP must neither broadcast nor all-reduce a frozen teacher
         module._ddp_params_and_buffers_to_ignore = [f"teacher.{n}" for n, _ in teacher.named_parameters()]
         module._ddp_params_and_buffers_to_ignore += [f"teacher.{n}" for n, _ in teacher.named_buffers()]
+
+
+def hold_other_teachers(module: DistillModule) -> None:
+    """Several teachers: load each other named teacher whose signal asks its model, frozen as the main one, into
+    ``module.other_teachers`` (their tokenizers were checked against the main one's when the module was made)."""
+    several = module.several_teachers
+    if several is None:
+        return
+    signals = getattr(module.signal, "scorer", module.signal).signals  # on-policy wraps the teachers' signal
+    dtype = as_dtype(module.hparams.performance.teacher_dtype)
+    for name, spec in several.models.items():
+        if name == several.main or not signals[name].needs_teacher or name in module.other_teachers:
+            continue
+        teacher = freeze(load_model(spec, role=f"teacher.models.{name}").to(dtype))
+        check_vocabulary(module.student, module.tokenizer, teacher.config.vocab_size, module.student_spec, spec)
+        module.other_teachers[name] = teacher
+        ignored = [f"other_teachers.{name}.{n}" for n, _ in teacher.named_parameters()]
+        ignored += [f"other_teachers.{name}.{n}" for n, _ in teacher.named_buffers()]
+        module._ddp_params_and_buffers_to_ignore = getattr(module, "_ddp_params_and_buffers_to_ignore", []) + ignored
 
 
 def max_positions(module: DistillModule) -> int | None:
@@ -125,6 +145,8 @@ def build_restored(module: DistillModule) -> None:
             if module._trainer is not None:
                 raise ValueError(module.teacher_missing) from None
     keep(module, model_from_config(stored["student_config"]), teacher)
+    if module.needs_teacher():
+        hold_other_teachers(module)
 
 
 def missing_teacher(module: DistillModule, error: Exception) -> str:

@@ -63,7 +63,7 @@ def write(module: Any, checkpoint: dict[str, Any]) -> None:
     checkpoint[KEY]["option_groups"] = groups
     if not module.trains_teacher:
         state = checkpoint["state_dict"]
-        for key in [k for k in state if k.startswith("teacher.")]:
+        for key in [k for k in state if k.startswith(("teacher.", "other_teachers."))]:
             del state[key]
 
 
@@ -85,6 +85,8 @@ def load(module: Any, checkpoint: dict[str, Any]) -> None:
     if not module.trains_teacher and module.teacher is not None and "state_dict" in checkpoint:  # FSDP took it
         state = checkpoint["state_dict"]
         for key, value in module.teacher.state_dict(prefix="teacher.").items():
+            state.setdefault(key, value)
+        for key, value in module.other_teachers.state_dict(prefix="other_teachers.").items():
             state.setdefault(key, value)
     stored = checkpoint.get(KEY, {})
     module.signal.load_state_dict(stored.get("signal", {}))

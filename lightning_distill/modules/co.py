@@ -51,7 +51,6 @@ class CoDistill(DistillModule):
             optimizer steps; 0 uses the live teacher.
         teacher_learning_rate: peak learning rate of the teacher (``optimization.learning_rate`` is the student's).
         optimization: see :class:`DistillModule`.
-        train_embeddings: see :class:`DistillModule`.
         performance: see :class:`DistillModule`.
         validation: see :class:`DistillModule`.
     """
@@ -71,7 +70,6 @@ class CoDistill(DistillModule):
         stale_every: int = 0,
         teacher_learning_rate: float = 5e-5,
         optimization: Optimization = Optimization(),
-        train_embeddings: bool = True,
         performance: Performance = Performance(),
         validation: Validation = Validation(),
     ) -> None:
@@ -86,7 +84,7 @@ class CoDistill(DistillModule):
         checks.number("teacher_learning_rate", teacher_learning_rate, "> 0", lambda v: v > 0, "5e-5")
         signal = TrainedTeacher(stale_every)
         super().__init__(teacher=teacher, student=student, tokenizer=tokenizer, optimization=optimization,
-                         train_embeddings=train_embeddings, performance=performance, validation=validation)
+                         performance=performance, validation=validation)
         self.signal = signal
         self.register_buffer("teacher_ce_ema", torch.tensor(float("nan")))  # checkpointed with the models
 

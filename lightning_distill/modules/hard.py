@@ -23,10 +23,11 @@ from lightning_distill.backbone import DEFAULT_TEACHER
 from lightning_distill.losses import SparseTargets
 from lightning_distill.modules.base import DistillModule
 from lightning_distill.modules.sequences import TeacherSequences
-from lightning_distill.options import Generation, Optimization, Performance, Served, Validation
+from lightning_distill.options import Generation, Optimization, Performance, Served, Teachers, Validation
 from lightning_distill.serve.client import is_url
 from lightning_distill.signals import LiveTeacher, StoredLabels
 from lightning_distill.signals.served import served_or
+from lightning_distill.signals.several import several_signal
 
 SERVED_PICKS = Served(k=1)  # a served teacher's picks: the arg-max travels with its top-1
 
@@ -35,7 +36,9 @@ class HardDistill(DistillModule):
     """Hard-label distillation: cross-entropy on tokens the teacher picked.
 
     Args:
-        teacher: teacher model name (see :class:`DistillModule`).
+        teacher: teacher model name (see :class:`DistillModule`); a server's URL (``mode="top1"``); or several
+            named teachers (:class:`~lightning_distill.options.Teachers`, ``mode="top1"``: each block's picks from
+            its source's teacher, or the arg-max of their mixture).
         student: student spec (see :class:`DistillModule`).
         tokenizer: tokenizer model name (see :class:`DistillModule`).
         mode: ``"top1"`` (teacher's arg-max at each position of the real text) or ``"generate"`` (teacher
@@ -51,16 +54,16 @@ class HardDistill(DistillModule):
         served: ``top1`` with a served teacher: what is asked of the server and how long a failing one is waited
             for (:class:`~lightning_distill.options.Served`; k=1 by default: only the picks travel).
         optimization: see :class:`DistillModule`.
-        train_embeddings: see :class:`DistillModule`.
         performance: see :class:`DistillModule`.
         validation: see :class:`DistillModule`.
     """
 
     accepts_served_teacher = True
+    accepts_several_teachers = True
 
     def __init__(
         self,
-        teacher: str | list[str] | None = DEFAULT_TEACHER,
+        teacher: str | list[str] | Teachers | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         tokenizer: str | None = None,
         mode: Literal["top1", "generate"] = "top1",
@@ -69,7 +72,6 @@ class HardDistill(DistillModule):
         labels: str | None = None,
         labels_any_teacher: bool = False,
         optimization: Optimization = Optimization(),
-        train_embeddings: bool = True,
         performance: Performance = Performance(),
         validation: Validation = Validation(),
         served: Served = SERVED_PICKS,
@@ -82,10 +84,18 @@ class HardDistill(DistillModule):
             raise ValueError(f"mode={mode!r} has the teacher write whole continuations, but teacher={teacher!r} is "
                              "served, which answers each position's distribution only: set mode='top1', or name the "
                              "teacher's model or folder")
-        signal = served_or(teacher, labels, served, lambda: StoredLabels(labels) if labels is not None
-                           else LiveTeacher(generation.cache_dir), default=SERVED_PICKS)
+        if isinstance(teacher, Teachers):
+            checks.require(mode == "top1" and labels is None and not labels_any_teacher, "teacher", teacher,
+                           "one teacher with mode='generate' or labels=", "several teachers give per-position picks "
+                           "(mode='top1'), their stores named per teacher (teacher.labels={NAME: PATH})")
+            stores = teacher.labels or {}
+            signal = several_signal(teacher, served, SERVED_PICKS, lambda name: StoredLabels(stores[name])
+                                    if name in stores else LiveTeacher())
+        else:
+            signal = served_or(teacher, labels, served, lambda: StoredLabels(labels) if labels is not None
+                               else LiveTeacher(generation.cache_dir), default=SERVED_PICKS)
         super().__init__(teacher=teacher, student=student, tokenizer=tokenizer, optimization=optimization,
-                         train_embeddings=train_embeddings, performance=performance, validation=validation)
+                         performance=performance, validation=validation)
         self.signal = signal
         #: the sequence-level piece (``mode="generate"``), None at token level
         self.sequences = TeacherSequences(generation) if mode == "generate" else None
@@ -116,7 +126,7 @@ class HardDistill(DistillModule):
             return ("mode='generate' with a sharded live teacher would generate a different number of steps on each "
                     "rank: set performance.teacher_sharding='replicate', or train from a generate label store "
                     "(labels=)")
-        return None
+        return super().sharding_problem(world_size)
 
     def training_step(self, batch: dict[str, Tensor], batch_idx: int) -> Tensor:
         if self.sequences is None:

@@ -41,10 +41,11 @@ from lightning_distill.losses import (
     get_divergence,
 )
 from lightning_distill.modules.base import DistillModule
-from lightning_distill.options import Features, OnPolicy, Optimization, Performance, Served, Validation
+from lightning_distill.options import Features, OnPolicy, Optimization, Performance, Served, Teachers, Validation
 from lightning_distill.serve.client import is_url
 from lightning_distill.signals import CrossTokenizerTeacher, LiveTeacher, StoredLabels, StudentSamples, TeacherSignal
 from lightning_distill.signals.served import ServedTeacher, served_or
+from lightning_distill.signals.several import several_signal
 
 DivergenceName = Literal["forward_kl", "reverse_kl", "generalized_jsd", "skew_kl", "skew_reverse_kl", "tvd"]
 CrossTokenizerName = Literal["uld", "gold"]
@@ -56,7 +57,9 @@ class SoftDistill(DistillModule):
     Args:
         teacher: teacher model name (see :class:`DistillModule`), or the URL of a teacher server
             (``"http://HOST:PORT"``: ``lightning-distill serve`` or ``vllm serve``), or a list of URLs of servers of
-            the same teacher.
+            the same teacher; or several named teachers and which grades what (:class:`~lightning_distill.options.
+            Teachers`: per corpus source or prompt file, or a mixture; YAML ``teacher: {models: {...}, sources:
+            {...}}``).
         student: student spec (see :class:`DistillModule`).
         tokenizer: tokenizer model name (see :class:`DistillModule`).
         loss: the divergence: a name (``forward_kl``, ``reverse_kl``, ``generalized_jsd``, ``skew_kl``,
@@ -80,7 +83,6 @@ class SoftDistill(DistillModule):
         features: add the feature (hidden-state) term (:class:`~lightning_distill.options.Features`); ``None``: off.
             Needs a live teacher and off-policy training.
         optimization: see :class:`DistillModule`.
-        train_embeddings: see :class:`DistillModule`.
         performance: see :class:`DistillModule`.
         validation: see :class:`DistillModule`.
         served: with a served teacher, what is asked of the server (top-k or sampled, k, protocol) and how long a
@@ -88,10 +90,11 @@ class SoftDistill(DistillModule):
     """
 
     accepts_served_teacher = True
+    accepts_several_teachers = True
 
     def __init__(
         self,
-        teacher: str | list[str] | None = DEFAULT_TEACHER,
+        teacher: str | list[str] | Teachers | None = DEFAULT_TEACHER,
         student: str | dict[str, Any] | None = None,
         tokenizer: str | None = None,
         loss: DivergenceName | CrossTokenizerName | Divergence | CrossTokenizerLoss = "forward_kl",
@@ -103,7 +106,6 @@ class SoftDistill(DistillModule):
         on_policy: OnPolicy | None = None,
         features: Features | None = None,
         optimization: Optimization = Optimization(),
-        train_embeddings: bool = True,
         performance: Performance = Performance(),
         validation: Validation = Validation(),
         served: Served = Served(),
@@ -135,6 +137,8 @@ class SoftDistill(DistillModule):
         if active is not None and labels is not None:
             raise ValueError(f"on_policy={on_policy} needs a live teacher to grade the student's samples, but labels="
                              f"{labels!r} is set: use on_policy=None with stored labels, or labels=None")
+        if isinstance(teacher, Teachers):
+            check_several(teacher, labels, labels_any_teacher, features, cross, active)
         if cross:
             check_cross_tokenizer(loss, teacher, labels, active, features, validation)
         elif pruning.own_tokenizer(student) is not None:
@@ -145,7 +149,7 @@ class SoftDistill(DistillModule):
         signal = self.signal_for(teacher, labels, tail, temperature, served)
         own = tokenizer or (student if cross and isinstance(student, str) else None)  # a named student's own
         super().__init__(teacher=teacher, student=student, tokenizer=own, optimization=optimization,
-                         train_embeddings=train_embeddings, performance=performance, validation=validation)
+                         performance=performance, validation=validation)
         self.signal = StudentSamples(signal, active) if active is not None else signal
         #: the feature term (a submodule: its projection is trained and checkpointed), ``None`` when off
         self.features = FeatureMatcher(features) if features is not None else None
@@ -156,12 +160,23 @@ class SoftDistill(DistillModule):
         live teacher on its own tokens (a cross-tokenizer loss)."""
         if isinstance(self.divergence, CrossTokenizerLoss):
             return CrossTokenizerTeacher(teacher)
+        if isinstance(teacher, Teachers):
+            stores = teacher.labels or {}
+            signal = several_signal(teacher, served, Served(), lambda name: StoredLabels(stores[name], tail)
+                                    if name in stores else LiveTeacher(), tail=tail, temperature=temperature)
+            self.check_served_sampled(signal.signals.values(), served)
+            return signal
         signal = served_or(teacher, labels, served, lambda: StoredLabels(labels, tail) if labels is not None
                            else LiveTeacher(), tail=tail, temperature=temperature)
-        if isinstance(signal, ServedTeacher) and served.kind == "sampled" and not self.divergence.linear_in_teacher:
+        self.check_served_sampled([signal], served)
+        return signal
+
+    def check_served_sampled(self, signals: Any, served: Served) -> None:
+        """Sampled targets from a server feed only a loss linear in the teacher's distribution."""
+        if any(isinstance(s, ServedTeacher) for s in signals) and served.kind == "sampled" and (
+                not self.divergence.linear_in_teacher):
             raise ValueError(f"loss={self.divergence.name!r} has no unbiased estimate from sampled targets: use "
                              "loss='forward_kl', or served.kind='topk'")
-        return signal
 
     def compares_vocabularies(self) -> bool:
         """A cross-tokenizer loss compares the two on shared text spans; the divergences id by id."""
@@ -244,3 +259,23 @@ def check_cross_tokenizer(loss: Any, teacher: Any, labels: str | None, on_policy
         checks.require(value is None, argument, value, f"None with loss={name!r}", f"set {argument}=None ({why})")
     checks.require(validation.new_tokens == 0, "validation.new_tokens", validation.new_tokens,
                    f"0 with loss={name!r}", "the on-policy view scores the student's tokens with the teacher's ids")
+
+
+def check_several(teachers: Teachers, labels: str | None, labels_any_teacher: bool, features: Features | None,
+                  cross: bool, on_policy: OnPolicy | None) -> None:
+    """Several teachers: their stores are named per teacher, and the options that pair the student with one
+    teacher's model are refused, each naming what to change."""
+    checks.require(labels is None, "labels", labels, "None with several teachers",
+                   "name each store under its teacher: teacher.labels={NAME: PATH}")
+    checks.require(not labels_any_teacher, "labels_any_teacher", labels_any_teacher, "False with several teachers",
+                   "a store must come from the teacher it is named under (teacher.labels)")
+    checks.require(features is None, "features", features, "None with several teachers",
+                   "the feature term matches one teacher's hidden states: set features=None")
+    checks.require(not cross, "loss", "a cross-tokenizer loss", "a divergence with several teachers",
+                   "several teachers share the student's tokenizer; a teacher of another tokenizer takes a run of "
+                   "its own (loss='uld' or 'gold')")
+    files = on_policy.prompts if on_policy is not None else None
+    files = [files] if isinstance(files, str) else files or []
+    unrouted = [f for f in files if teachers.sources is not None and f not in teachers.sources]
+    checks.require(not unrouted, "on_policy.prompts", unrouted, "prompt files that teacher.sources names",
+                   f"add each to teacher.sources with its teacher (one of {list(teachers.models)})")

@@ -47,6 +47,11 @@ class TeacherSignal:
         :meth:`setup`); ``None`` for a source that reads none."""
         return None
 
+    def stores(self) -> dict[str | None, dict[str, Any]]:
+        """The manifests of the label stores the source reads, by the name of the teacher each must come from
+        (``None``: the run's teacher); several teachers have one per teacher that reads one."""
+        return {} if self.manifest is None else {None: self.manifest}
+
     def setup(self, run: Run, stage: str, data: Any = None) -> None:
         """Open and check whatever the source reads (``data``: the Trainer's data module, if any)."""
 
@@ -75,6 +80,11 @@ class TeacherSignal:
                            dataloader_idx: int) -> dict[str, Tensor]:
         """Metrics of the student (logits (B, T-1, V), aligned with ``labels`` (B, T-1)) against the teacher,
         among ``kl``, ``agreement`` and ``teacher_ce``; empty when the source has nothing for this loader."""
+        return {}
+
+    def metric_tokens(self, batch: Batch, labels: Tensor, dataloader_idx: int) -> dict[str, Tensor]:
+        """The valid tokens behind those of :meth:`validation_metrics` that are means over fewer tokens than the
+        batch's (several teachers: each over its own rows), by metric name."""
         return {}
 
     def cannot(self, question: str) -> str:

@@ -78,14 +78,17 @@ class StudentSamples(TeacherSignal):
         """The student's continuations of the batch's prompts: ``input_ids`` (B, P + N); ``labels`` (B, P + N): the
         sampled tokens up to and including the first EOS, -100 elsewhere; ``attention_mask`` and ``position_ids``
         for left-padded file prompts (else ``None``); ``generated``: the number of sampled tokens and
-        ``seconds``: the time sampling took."""
+        ``seconds``: the time sampling took; where each prompt comes from (several teachers route by it): the
+        batch's ``source``, or ``source_names``: each file prompt's file."""
         device, prompt_tokens = batch["input_ids"].device, self.options.prompt_tokens
         if self.prompt_file is None:
             prompts, mask = batch["input_ids"][:, :prompt_tokens], None  # (B, P), equal lengths
+            where = {key: batch[key] for key in ("source",) if key in batch}  # several teachers route by it
         else:
             seed = hash((self.seed, run.step, run.rank)) % 2**62
             drawn = self.prompt_file.batch(batch["input_ids"].shape[0], seed=seed)
             prompts, mask = drawn["input_ids"].to(device), drawn["attention_mask"].to(device)
+            where = {"source_names": drawn["source_names"]}
         start = time.perf_counter()
         eos = run.tokenizer.eos_token_id
         new = generation.generate(run.student, prompts, self.settings, eos, attention_mask=mask,
@@ -96,7 +99,7 @@ class StudentSamples(TeacherSignal):
             mask = torch.cat([mask, torch.ones_like(sequences[:, prompts.shape[1]:])], 1)  # (B, P + N)
         return {"input_ids": sequences, "labels": labels, "attention_mask": mask,
                 "position_ids": None if mask is None else positions(mask), "generated": new.numel(),
-                "seconds": seconds}
+                "seconds": seconds, **where}
 
     def distribution(self, run: Run, batch: Batch, split: str = "train") -> Distribution:
         """Off-policy batches: the scorer's distribution of the corpus text, as without on-policy training."""
