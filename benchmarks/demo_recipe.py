@@ -40,6 +40,7 @@ EVENLY = {"from_teacher": {"layers": 6}}
 IMPORTANCE = {"from_teacher": {"layers": 6, "select": "importance"}}
 FEATURES = {"features": Features(weight=1.0)}  # the feature term at weight 1 (cosine, the matched layers)
 LR_2E3 = {"optimization": Optimization(learning_rate=2e-3)}
+RECIPE = {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.25, **LR_2E3}  # the demo's recipe since 2026-11-30
 CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (student spec included)
     "today": {"student": EVENLY},
     "importance": {"student": IMPORTANCE},
@@ -51,6 +52,13 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (stud
     "importance_features_pure_kl": {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.0},
     "importance_features_pure_kl_lr2e-3": {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.0, **LR_2E3},
     "importance_features_ce0.25_lr2e-3": {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.25, **LR_2E3},
+    # issue #25: from the recipe above, toward <= 2.0x in domain and <= 8x on Shakespeare in the demo's wall time
+    "recipe_T2": {**RECIPE, "temperature": 2.0},
+    "recipe_frozen_emb": {**RECIPE, "optimization": Optimization(learning_rate=2e-3, train_embeddings=False)},
+    "recipe_frozen_emb_160steps": {**RECIPE, "optimization": Optimization(learning_rate=2e-3, train_embeddings=False),
+                                   "steps": 160},
+    "recipe_lr3e-3": {**RECIPE, "optimization": Optimization(learning_rate=3e-3)},
+    "recipe_T2_lr3e-3": {**RECIPE, "temperature": 2.0, "optimization": Optimization(learning_rate=3e-3)},
     "importance_160steps": {"student": IMPORTANCE, "steps": 160},
     "importance_features_160steps": {"student": IMPORTANCE, **FEATURES, "steps": 160},
 }

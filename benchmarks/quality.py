@@ -130,7 +130,7 @@ def default_methods() -> dict[str, Method]:
                                    "4 B (log-prob of each sampled token)"),
         "cross_ce_only": Method(soft, {"student": CROSS_STUDENT, "loss": "uld", "ce_weight": 1.0},
                                 "nothing (no teacher); student on its own 4k tokenizer", uses_frozen_teacher=False),
-        "cross_uld": Method(soft, {"student": CROSS_STUDENT, "loss": "uld"},
+        "cross_uld": Method(soft, {"student": CROSS_STUDENT, "loss": "uld", "temperature": 2.0},  # T: a sweep's best
                             "live logits on the teacher's own tokens (ULD)", uses_frozen_teacher=False),
         "cross_gold": Method(soft, {"student": CROSS_STUDENT, "loss": "gold"},
                              "live logits on the teacher's own tokens (GOLD-style)", uses_frozen_teacher=False),

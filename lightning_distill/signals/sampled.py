@@ -58,6 +58,9 @@ class StudentSamples(TeacherSignal):
     def manifest(self) -> dict[str, Any] | None:
         return self.scorer.manifest
 
+    def stores(self) -> dict[str | None, dict[str, Any]]:
+        return self.scorer.stores()
+
     def setup(self, run: Run, stage: str, data: Any = None) -> None:
         self.scorer.setup(run, stage, data)
         if self.options.prompts is not None and self.prompt_file is None:

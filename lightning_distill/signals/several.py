@@ -104,8 +104,8 @@ class SeveralTeachers(TeacherSignal):
     # --------------------------------------------------------------------------------------------- routing
     def rows(self, batch: Batch) -> list[tuple[str, Tensor]]:
         """Which rows (R,) long of ``batch`` each teacher grades (teachers with no row left out). A batch without
-        sources (one corpus entry, the out-of-domain loader) goes whole to the first entry's teacher, or to the main
-        teacher when that entry is not routed."""
+        sources goes whole to the teacher of the corpus' one entry, or (the out-of-domain loader of a corpus of
+        several entries, a mixture) to the main teacher."""
         size = batch["input_ids"].shape[0]
         device = batch["input_ids"].device
         names = batch.get("source_names")
