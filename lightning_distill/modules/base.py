@@ -223,7 +223,7 @@ class DistillModule(L.LightningModule):
         if self.teacher_missing:  # loaded from a checkpoint whose live teacher is gone
             raise ValueError(self.teacher_missing)
         for name, manifest in self.signal.stores().items():
-            self.check_store(manifest)
+            self.check_store(manifest, self.store_argument(name))
             self.check_store_teacher(manifest, name)
         data = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
         self.signal.setup(self.run, stage, data)
@@ -233,8 +233,17 @@ class DistillModule(L.LightningModule):
         self.signal.teardown()
 
     # ----------------------------------------------------------------------------- hooks a method may override
-    def check_store(self, manifest: dict[str, Any]) -> None:
-        """Raise ``ValueError`` naming the argument to change when a label store cannot feed this method."""
+    def check_store(self, manifest: dict[str, Any], where: str) -> None:
+        """Raise ``ValueError`` naming the argument to change when a label store cannot feed this method (``where``:
+        the argument that names the store, with its value, e.g. ``labels='labels/topk'``)."""
+
+    def store_argument(self, name: str | None = None) -> str:
+        """The argument naming a label store, with its value: ``labels=...``, or ``teacher.labels.NAME=...`` for
+        the store of teacher ``name`` among several."""
+        several = self.several_teachers
+        if several is not None and name is not None:
+            return f"teacher.labels.{name}={several.labels[name]!r}"
+        return f"labels={self.hparams.get('labels')!r}"
 
     def check_store_teacher(self, manifest: dict[str, Any], name: str | None = None) -> None:
         """Refuse a label store written by another teacher than the one this run names for it (their files'
@@ -243,8 +252,7 @@ class DistillModule(L.LightningModule):
         another teacher (a student pruned from a small model, labelled by a large one of the same tokenizer)."""
         several = self.several_teachers
         given = several.models[name] if several is not None and name is not None else self.local_teacher
-        where = f"teacher.labels.{name}={several.labels[name]!r}" if several is not None and name is not None else (
-            f"labels={self.hparams.get('labels')!r}")
+        where = self.store_argument(name)
         stored, here = manifest.get("teacher_fingerprint"), teacher_fingerprint(given)
         if (self.hparams.get("labels_any_teacher") and several is None) or same_teacher(stored, here):
             return

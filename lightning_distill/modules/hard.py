@@ -100,9 +100,9 @@ class HardDistill(DistillModule):
         #: the sequence-level piece (``mode="generate"``), None at token level
         self.sequences = TeacherSequences(generation) if mode == "generate" else None
 
-    def check_store(self, manifest: dict[str, Any]) -> None:
+    def check_store(self, manifest: dict[str, Any], where: str) -> None:
         """``top1`` trains from any per-position store; ``generate`` from a generate store of equal settings."""
-        kind, where, mode = manifest["kind"], f"labels={self.hparams.labels!r}", self.hparams.mode
+        kind, mode = manifest["kind"], self.hparams.mode
         if (kind == "generate") != (mode == "generate"):
             raise ValueError(f"{where} is a {kind!r} store, which mode={mode!r} cannot use: "
                              f"set mode={'generate' if kind == 'generate' else 'top1'!r}")

@@ -182,9 +182,9 @@ class SoftDistill(DistillModule):
         """A cross-tokenizer loss compares the two on shared text spans; the divergences id by id."""
         return not isinstance(self.divergence, CrossTokenizerLoss)
 
-    def check_store(self, manifest: dict[str, Any]) -> None:
+    def check_store(self, manifest: dict[str, Any], where: str) -> None:
         """A store feeds SoftDistill when it holds soft targets at this temperature for this divergence."""
-        where, temperature = f"labels={self.hparams.labels!r}", self.hparams.temperature
+        temperature = self.hparams.temperature
         if manifest["kind"] not in ("topk", "sampled"):
             raise ValueError(f"{where} is a {manifest['kind']!r} store; SoftDistill trains from 'topk' or 'sampled' "
                              "stores: use HardDistill(labels=...) for hard labels")

@@ -1,7 +1,8 @@
 """Run by tests/modules/test_ddp.py as `python ddp_worker.py TEACHER_DIR OUT_JSON [SOFTDISTILL_KWARGS_JSON]`: a
 2-process DDP fit of SoftDistill on CPU (gloo). Lightning's DDP launcher re-runs this script once per extra rank.
-The kwargs may replace the student; an option group is given as a JSON object of its fields (``{"features":
-{"weight": 1.0}}`` is ``features=Features(weight=1.0)``). A feature projection (``features``, a narrower student) is
+The kwargs may replace the student or the teacher; an option group is given as a JSON object of its fields
+(``{"features": {"weight": 1.0}}`` is ``features=Features(weight=1.0)``, ``{"teacher": {"models": ...}}`` several
+teachers). A feature projection (``features``, a narrower student) is
 reported and compared across ranks with the student."""
 
 import json
@@ -13,10 +14,10 @@ import torch
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/ for conftest helpers
 from conftest import TINY_STUDENT, tiny_data
 
-from lightning_distill import Features, OnPolicy, Optimization, Performance, SoftDistill, Validation
+from lightning_distill import Features, OnPolicy, Optimization, Performance, SoftDistill, Teachers, Validation
 
 GROUPS = {"on_policy": OnPolicy, "features": Features, "optimization": Optimization, "performance": Performance,
-          "validation": Validation}
+          "validation": Validation, "teacher": Teachers}
 
 
 class Inspect(L.Callback):
@@ -29,6 +30,10 @@ class Inspect(L.Callback):
             "teacher_ignored": all(f"teacher.{n}" in ddp.parameters_to_ignore
                                    for n, _ in pl_module.teacher.named_parameters()),
             "student_in_buckets": all(id(p) in reduced for p in pl_module.student.parameters()),
+            "other_teachers": sorted(pl_module.other_teachers),
+            "other_teachers_in_buckets": any(id(p) in reduced for p in pl_module.other_teachers.parameters()),
+            "other_teachers_ignored": all(f"other_teachers.{n}" in ddp.parameters_to_ignore
+                                          for n, _ in pl_module.other_teachers.named_parameters()),
             "projection_in_buckets": all(id(p) in reduced for p in trained_extra(pl_module)) and
             bool(trained_extra(pl_module)),
         }
@@ -45,7 +50,7 @@ def main() -> None:
     kwargs = json.loads(sys.argv[3]) if len(sys.argv) > 3 else {}
     kwargs = {k: GROUPS[k](**v) if k in GROUPS and isinstance(v, dict) else v for k, v in kwargs.items()}
     torch.manual_seed(0)
-    model = SoftDistill(teacher=teacher_dir, **{"student": TINY_STUDENT, "ce_weight": 0.5, **kwargs})
+    model = SoftDistill(**{"teacher": teacher_dir, "student": TINY_STUDENT, "ce_weight": 0.5, **kwargs})
     inspect = Inspect()
     trainer = L.Trainer(accelerator="cpu", devices=2, strategy="ddp", max_steps=3, limit_val_batches=1,
                         logger=False, enable_checkpointing=False, enable_progress_bar=False,

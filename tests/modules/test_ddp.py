@@ -48,6 +48,19 @@ def test_ddp_with_feature_distillation_and_its_projection(tiny_teacher_dir, tmp_
     assert report["feature_loss"] > 0
 
 
+def test_ddp_with_several_teachers_keeps_every_frozen_teacher_out(tiny_teacher_dir, second_tiny_teacher_dir,
+                                                                   tmp_path):
+    """Two teachers mixed: the second one's model is frozen beside the first, neither is broadcast nor all-reduced,
+    and the ranks stay in sync."""
+    teachers = {"models": {"a": tiny_teacher_dir, "b": second_tiny_teacher_dir}, "weights": {"a": 1.0, "b": 1.0}}
+    report = run_worker(tiny_teacher_dir, tmp_path, {"teacher": teachers})
+    assert report["world_size"] == 2 and report["global_step"] == 3
+    assert report["other_teachers"] == ["b"]
+    assert report["teacher_ignored"] and report["other_teachers_ignored"]
+    assert not report["teacher_in_buckets"] and not report["other_teachers_in_buckets"]
+    assert report["student_in_buckets"] and report["ranks_agree"]
+
+
 def test_two_ranks_at_batch_b_train_as_one_rank_at_batch_2b(tiny_teacher_dir, tmp_path):
     """The order is a function of the seed and the global batch: 2 ranks x 2 blocks see, step by step, the blocks 1
     rank x 4 sees, and end with the same weights (fp32, CPU); 10 train blocks make epochs of 3 steps (4, 4, 2), so the

@@ -185,6 +185,15 @@ def test_a_store_from_another_teacher_is_refused_naming_both(routed, tmp_path, t
     tiny_trainer(tmp_path, max_steps=1, limit_val_batches=0).fit(module, datamodule=data)  # its own store: trains
 
 
+def test_a_store_that_cannot_feed_the_method_is_named_by_its_teacher(routed, tmp_path, tiny_teacher_dir):
+    teachers, data = routed
+    store = write_labels(SoftDistill(teacher=tiny_teacher_dir, student=TINY_STUDENT), tmp_path / "top1", data=data,
+                         kind="top1")
+    named = Teachers(models=teachers.models, sources=teachers.sources, labels={"a": store})
+    with pytest.raises(ValueError, match=r"teacher\.labels\.a='.*top1' is a 'top1' store; SoftDistill trains from"):
+        tiny_trainer(tmp_path, max_steps=1).fit(SoftDistill(teacher=named, student=TINY_STUDENT), datamodule=data)
+
+
 def test_teachers_of_different_tokenizers_are_refused_naming_both(tmp_path, tiny_teacher_dir,
                                                                   tiny_student_tokenizer_dir):
     from transformers import AutoModelForCausalLM, AutoTokenizer
