@@ -193,8 +193,9 @@ class DistillDataModule(L.LightningDataModule):
             if len(corpus) > 1:
                 self._sources[name] = torch.cat([torch.full((len(b),), e) for e, b in enumerate(packed)])
             if len(blocks[-1]) == 0:
+                held = sum(int(offsets[row[i] + 1] - offsets[row[i]]) + 1 for i in ids)  # with an EOS each
                 raise ValueError(
-                    f"the {name} split of corpus {hp.corpus!r} has {sum(len(d) + 1 for d in docs)} tokens "
+                    f"the {name} split of corpus {hp.corpus!r} has {held} tokens "
                     f"({len(ids)} documents), fewer than one block of block_size={hp.block_size}: use a "
                     "smaller block_size or more text"
                 )
