@@ -395,10 +395,10 @@ def teacher_idle_in_training(module: L.LightningModule) -> bool:
 
 
 class IdleTeacherOffload(L.Callback):
-    """An idle teacher (:func:`teacher_idle_in_training`) off the accelerator while the student trains: moved to the
-    CPU when training starts, onto the module's device for each validation, back to the CPU when training resumes,
-    and onto the device again when the fit ends (as it was). The accelerator then holds the student, its gradients
-    and optimizer state only."""
+    """An idle teacher (:func:`teacher_idle_in_training`; with several teachers, all of them) off the accelerator
+    while the student trains: moved to the CPU when training starts, onto the module's device for each validation,
+    back to the CPU when training resumes, and onto the device again when the fit ends (as it was). The accelerator
+    then holds the student, its gradients and optimizer state only."""
 
     def __init__(self) -> None:
         self.active = False  # decided when training starts
@@ -419,8 +419,12 @@ class IdleTeacherOffload(L.Callback):
         self.active = False
 
     def _move(self, module: L.LightningModule, device: torch.device) -> None:
-        if self.active and module.teacher is not None:
-            module.teacher.to(device)
+        if not self.active:
+            return
+        others = getattr(module, "other_teachers", None)  # several teachers: the others are idle too
+        for teacher in (module.teacher, *(others.values() if others is not None else ())):
+            if teacher is not None:
+                teacher.to(device)
 
 
 # ------------------------------------------------------------------------------------------ CPU memory reuse

@@ -297,6 +297,7 @@ def test_the_decision(tiny_teacher_dir):
     assert not callbacks.teacher_idle_in_training(top1)  # its steps ask the teacher (a method that does not say)
 
 
+@pytest.mark.gpu
 @requires_gpu
 def test_on_cuda_the_teacher_is_on_the_cpu_during_training_steps(tiny_teacher_dir, tmp_path):
     class Where(L.Callback):
@@ -316,6 +317,29 @@ def test_on_cuda_the_teacher_is_on_the_cpu_during_training_steps(tiny_teacher_di
               default_root_dir=str(tmp_path), callbacks=[where]).fit(model, tiny_data())
     assert where.seen == [("train", "cpu"), ("validation", "cuda"), ("train", "cpu"), ("validation", "cuda")]
     assert next(model.teacher.parameters()).device.type == "cuda"
+
+
+@pytest.mark.gpu
+@requires_gpu
+def test_on_cuda_every_idle_teacher_is_on_the_cpu_during_training_steps(tiny_teacher_dir, second_tiny_teacher_dir,
+                                                                        tmp_path):
+    from lightning_distill import Teachers
+
+    class Where(L.Callback):
+        def __init__(self) -> None:
+            self.seen: list[tuple[str, str]] = []
+
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+            self.seen.append(("train", next(pl_module.other_teachers["b"].parameters()).device.type))
+
+    teachers = Teachers(models={"a": tiny_teacher_dir, "b": second_tiny_teacher_dir}, weights={"a": 1.0, "b": 1.0})
+    model = SoftDistill(teacher=teachers, student=TINY_STUDENT, ce_weight=1.0)
+    where = Where()
+    L.Trainer(accelerator="cuda", devices=1, max_steps=2, limit_val_batches=0, logger=False,
+              enable_progress_bar=False, enable_model_summary=False, num_sanity_val_steps=0,
+              default_root_dir=str(tmp_path), callbacks=[where]).fit(model, tiny_data())
+    assert where.seen == [("train", "cpu"), ("train", "cpu")]
+    assert next(model.other_teachers["b"].parameters()).device.type == "cuda"
 
 
 # ---------------------------------------------------------------------------------------- CPU memory reuse
