@@ -220,19 +220,31 @@ def interruptible_config(folder: Path, teacher: str, corpus: str) -> Path:
     return path
 
 
-def test_ctrl_c_during_cli_fit_saves_and_the_run_resumes(tiny_teacher_dir, corpus, tmp_path):
-    config = interruptible_config(tmp_path, tiny_teacher_dir, corpus)
+def cli_fit(config: Path) -> tuple[list[str], dict[str, str]]:
+    """The command and environment of ``lightning-distill fit --config CONFIG`` from this checkout (W&B offline)."""
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(config)]
-    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    last = tmp_path / "checkpoints" / "last.ckpt"
+    return [sys.executable, "-m", "lightning_distill", "fit", "--config", str(config)], env
+
+
+def interrupted(command: list[str], env: dict[str, str], folder: Path, sig: int) -> tuple[int, str]:
+    """Start ``command`` in ``folder``, send it ``sig`` once its first ``checkpoints/last.ckpt`` exists; its exit
+    status and output."""
+    run = subprocess.Popen(command, cwd=folder, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    last = folder / "checkpoints" / "last.ckpt"
     deadline = time.monotonic() + 240
     while not last.exists() and run.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert last.exists(), run.communicate(timeout=60)[0][-3000:] if run.poll() is not None else "no checkpoint"
-    run.send_signal(signal.SIGINT)
+    run.send_signal(sig)
     output = run.communicate(timeout=120)[0]
-    assert run.returncode == 1, output[-3000:]  # an interrupt, not a finished run
+    return run.returncode, output
+
+
+def test_ctrl_c_during_cli_fit_saves_and_the_run_resumes(tiny_teacher_dir, corpus, tmp_path):
+    command, env = cli_fit(interruptible_config(tmp_path, tiny_teacher_dir, corpus))
+    code, output = interrupted(command, env, tmp_path, signal.SIGINT)
+    last = tmp_path / "checkpoints" / "last.ckpt"
+    assert code == 1, output[-3000:]  # an interrupt, not a finished run
     assert "stopping after this step" in output
     saved = torch.load(last, weights_only=False)
     step = saved["global_step"]
@@ -262,17 +274,10 @@ def test_sigterm_saves_like_ctrl_c_exits_143_and_a_rerun_never_overwrites(tiny_t
     from lightning_distill.cli import SIGTERM_EXIT, last_checkpoint, main
 
     config = interruptible_config(tmp_path, tiny_teacher_dir, corpus)
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "offline"}
-    command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(config)]
-    run = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    command, env = cli_fit(config)
+    code, output = interrupted(command, env, tmp_path, signal.SIGTERM)
     last = tmp_path / "checkpoints" / "last.ckpt"
-    deadline = time.monotonic() + 240
-    while not last.exists() and run.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert last.exists(), run.communicate(timeout=60)[0][-3000:] if run.poll() is not None else "no checkpoint"
-    run.send_signal(signal.SIGTERM)
-    output = run.communicate(timeout=120)[0]
-    assert run.returncode == SIGTERM_EXIT == 143, output[-3000:]
+    assert code == SIGTERM_EXIT == 143, output[-3000:]
     assert "stopped by SIGTERM" in output and "Traceback" not in output
     step = torch.load(last, weights_only=False)["global_step"]
     partial = json.loads((tmp_path / "student" / "PARTIAL").read_text())
