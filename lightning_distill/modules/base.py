@@ -46,13 +46,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from lightning_distill import checks, pruning, sharding, speedups
 from lightning_distill.backbone import (
     DEFAULT_TEACHER,
-    PROBE_TEXT,
     Run,
     as_dtype,
     final_hidden,
     load_tokenizer,
     same_teacher,
     teacher_fingerprint,
+    tokenizer_fingerprint,
 )
 from lightning_distill.callbacks import IdleTeacherOffload, Throughput
 from lightning_distill.generation import GenerationSettings, continue_texts
@@ -518,14 +518,15 @@ def check_served(method: type, teacher: Any, student: Any, tokenizer: str | None
 
 def check_same_tokenizer(several: Teachers, tokenizer: PreTrainedTokenizerBase) -> None:
     """Several teachers are compared with the student id by id: each must read with the main teacher's tokenizer
-    (same size, same ids on a probe text). Refused on construction, naming both teachers (a served one is checked
+    (the same :func:`~lightning_distill.backbone.tokenizer_fingerprint`: vocabulary, special tokens, ids of a probe
+    text). Refused on construction, naming both teachers (a served one is checked
     against the server's tokenizer when it connects)."""
     main = f"teacher.models.{several.main}={several.models[several.main]!r}"
     for name, spec in several.models.items():
         if name == several.main or is_url(spec):
             continue
         other = load_tokenizer(spec, f"teacher.models.{name}")
-        if len(other) != len(tokenizer) or other.encode(PROBE_TEXT) != tokenizer.encode(PROBE_TEXT):
+        if tokenizer_fingerprint(other) != tokenizer_fingerprint(tokenizer):
             raise ValueError(f"teacher.models.{name}={spec!r} reads with another tokenizer (vocabulary {len(other)}) "
                              f"than {main} (vocabulary {len(tokenizer)}), and several teachers are compared with the "
                              "student id by id: give teachers of one tokenizer, or distil from the other teacher in "

@@ -141,12 +141,18 @@ class SeveralTeachers(TeacherSignal):
         return parts[0][1] if len(parts) == 1 else Routed(parts)
 
     @torch.no_grad()
-    def mixture(self, run: Run, batch: Batch, temperature: float = 1.0) -> Tensor:
-        """``log sum_i w_i softmax(z_i / T)``: the mixture's log-probs (B, T, V) at temperature ``T`` (times
-        ``T``, logits whose tempered softmax is the mixture)."""
-        logs = [weight + torch.log_softmax(LiveTeacher.logits(self.run_of(run, name), batch).float() / temperature, -1)
+    def mixture(self, run: Run, batch: Batch, temperature: float = 1.0,
+                logits: dict[str, Tensor] | None = None) -> Tensor:
+        """``log sum_i w_i softmax(z_i / T)``: the mixture's log-probs (B, T, V) at temperature ``T`` (``T`` times
+        them: logits whose tempered softmax is the mixture); from each teacher's ``logits`` when given."""
+        logits = logits if logits is not None else self.teacher_logits(run, batch)
+        logs = [weight + torch.log_softmax(logits[name].float() / temperature, -1)
                 for name, weight in self.log_weights.items()]  # each (B, T, V)
         return torch.logsumexp(torch.stack(logs), 0)
+
+    def teacher_logits(self, run: Run, batch: Batch) -> dict[str, Tensor]:
+        """Each mixed teacher's logits (B, T, V) of ``batch``, one forward each."""
+        return {name: LiveTeacher.logits(self.run_of(run, name), batch) for name in self.log_weights}
 
     def picks(self, run: Run, batch: Batch, split: str = "train") -> Tensor:
         if self.teachers.weights is not None:
@@ -169,8 +175,13 @@ class SeveralTeachers(TeacherSignal):
         """Each teacher's metrics as ``<metric>_<name>`` (per source, on the in-domain loader: on its rows only;
         else on every row), and the run's: against the mixture, or per source the token-weighted mean of each
         teacher's on its rows."""
+        if self.teachers.weights is not None:  # each teacher's forward once, for its metrics and the mixture's
+            logits = self.teacher_logits(run, batch)
+            out = {f"{key}_{name}": value for name, z in logits.items()
+                   for key, value in metrics.against_logits(student_logits, z[:, :-1], labels).items()}
+            return {**out, **metrics.against_logits(student_logits, self.mixture(run, batch, logits=logits)[:, :-1],
+                                                    labels)}
         out: dict[str, Tensor] = {}
-        counts = self.metric_tokens(batch, labels, dataloader_idx)
         routed = self.teachers.sources is not None and dataloader_idx == 0
         shares = self.rows(batch) if routed else [(name, None) for name in self.signals]
         for name, rows in shares:
@@ -179,9 +190,8 @@ class SeveralTeachers(TeacherSignal):
                 self.run_of(run, name), part, student_logits if rows is None else student_logits[rows],
                 labels if rows is None else labels[rows], dataloader_idx)
             out.update({f"{key}_{name}": value for key, value in values.items()})
-        if self.teachers.weights is not None:
-            out.update(metrics.against_logits(student_logits, self.mixture(run, batch)[:, :-1], labels))
-        elif routed:
+        if routed:
+            counts = self.metric_tokens(batch, labels, dataloader_idx)
             total = sum(float(counts[f"kl_{name}"]) for name, _ in shares)
             for key in metrics.PER_TEACHER:
                 if all(f"{key}_{name}" in out for name, _ in shares):

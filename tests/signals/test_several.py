@@ -109,6 +109,23 @@ def test_mixture_is_the_weighted_mixture_of_tempered_distributions(routed):
     torch.testing.assert_close(torch.softmax(logits.double() / 2, -1), expected, rtol=1e-4, atol=1e-6)
 
 
+def test_mixture_validation_scores_each_teacher_and_the_mixture(routed):
+    from lightning_distill import metrics
+
+    teachers, data = routed
+    module = ready(SoftDistill(teacher=Teachers(models=teachers.models, weights={"a": 1.0, "b": 3.0}),
+                               student=TINY_STUDENT), data)
+    batch = mixed_batch(data)
+    student, labels = module(batch["input_ids"])[:, :-1].float(), batch["labels"][:, 1:]
+    got = module.signal.validation_metrics(module.run, batch, student, labels, 0)
+    za = module.teacher(input_ids=batch["input_ids"]).logits
+    zb = module.other_teachers["b"](input_ids=batch["input_ids"]).logits
+    mixed = torch.log(0.25 * torch.softmax(za.float(), -1) + 0.75 * torch.softmax(zb.float(), -1))
+    for suffix, logits in (("_a", za), ("_b", zb), ("", mixed)):
+        for key, value in metrics.against_logits(student, logits[:, :-1], labels).items():
+            torch.testing.assert_close(got[key + suffix], value, rtol=1e-4, atol=1e-5)
+
+
 def test_per_teacher_validation_metrics_are_logged(routed, tmp_path):
     teachers, data = routed
     module = SoftDistill(teacher=teachers, student=TINY_STUDENT)
