@@ -8,11 +8,15 @@
   both distributions coarse-grained to the stored ids + the rest (top-k) or an unbiased estimate (sampled);
 - with ``validation.new_tokens > 0`` (on-policy view, :func:`lightning_distill.signals.sampled.greedy_scores`):
   ``teacher_logprob``, the teacher's mean log-prob of the student's own greedy continuations of held-out prompts,
-  and ``on_policy_rkl``, KL(student || teacher) on them;
+  and ``on_policy_rkl``, KL(student || teacher) on them; and what keeps that score honest (a student that writes
+  little, or loops on text the teacher finds likely, scores well too): ``length``, the mean continuation length in
+  tokens up to its first EOS, and ``distinct_2`` / ``distinct_4``, the mean share of distinct 2- and 4-grams
+  within a continuation (:func:`distinct_ngrams`; 1: no repeats);
 - with several teachers (:mod:`lightning_distill.signals.several`), each teacher's ``kl``, ``agreement`` and
   ``teacher_ce`` (``teacher_ppl``) again as ``<metric>_<teacher name>``.
 
-Each is a mean over valid target tokens, accumulated over the validation run by :class:`ValidationMetrics`.
+Each is a mean over valid target tokens (the continuation statistics: over continuations), accumulated over the
+validation run by :class:`ValidationMetrics`.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ from torchmetrics import MeanMetric
 from lightning_distill.losses import IGNORE_INDEX, ForwardKL, cross_entropy, reduce_tokens, sampled_kl, topk_forward_kl
 
 #: token-weighted validation means; ``ce`` and ``teacher_ce`` are also logged as perplexities
-NAMES = ("ce", "kl", "agreement", "teacher_ce", "teacher_logprob", "on_policy_rkl")
+NAMES = ("ce", "kl", "agreement", "teacher_ce", "teacher_logprob", "on_policy_rkl", "length", "distinct_2",
+         "distinct_4")
 PREFIXES = ("val", "val_ood")
 PER_TEACHER = ("kl", "agreement", "teacher_ce")  # logged again per named teacher as <name>_<teacher>
 
@@ -34,6 +39,24 @@ def agreement(student_logits: Tensor, teacher_picks: Tensor, labels: Tensor) -> 
     mask = labels != IGNORE_INDEX  # (B, T)
     agree = (student_logits.argmax(-1) == teacher_picks) & mask
     return agree.sum() / mask.sum().clamp(min=1)
+
+
+def distinct_ngrams(tokens: Tensor, mask: Tensor, n: int) -> Tensor:
+    """Per sequence, the share of its n-grams that are distinct (1: none repeats; a loop drives it toward 0).
+
+    Args:
+        tokens: (B, N) token ids; mask: (B, N) bool, True on the tokens that count (a prefix of each row).
+        n: the n-gram length, >= 1.
+
+    Returns:
+        (B,) float shares; a row with fewer than ``n`` counted tokens has share 1.
+    """
+    shares = []
+    for row, keep in zip(tokens.tolist(), mask.tolist(), strict=True):
+        row = row[: sum(keep)]
+        grams = [tuple(row[i : i + n]) for i in range(len(row) - n + 1)]
+        shares.append(len(set(grams)) / len(grams) if grams else 1.0)
+    return torch.tensor(shares)
 
 
 def against_logits(student_logits: Tensor, teacher_logits: Tensor, labels: Tensor) -> dict[str, Tensor]:

@@ -419,8 +419,8 @@ class DistillModule(L.LightningModule):
         self.val_metrics.update(prefix, values, (labels != IGNORE_INDEX).sum(), weights)
         options = self.hparams.validation
         if options.new_tokens > 0 and dataloader_idx == 0 and self.teacher is not None:
-            scores, tokens = greedy_scores(self.run, batch, options.prompt_tokens, options.new_tokens)
-            self.val_metrics.update(prefix, scores, tokens)
+            scores, weights = greedy_scores(self.run, batch, options.prompt_tokens, options.new_tokens)
+            self.val_metrics.update(prefix, scores, weights["teacher_logprob"], weights)
 
     def on_validation_epoch_start(self) -> None:
         self.val_metrics.reset()

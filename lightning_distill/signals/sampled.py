@@ -27,6 +27,7 @@ from torch import Tensor
 from lightning_distill import generation
 from lightning_distill.backbone import Run
 from lightning_distill.losses import IGNORE_INDEX, ReverseKL, SparseTargets, get_divergence, reduce_tokens
+from lightning_distill.metrics import distinct_ngrams
 from lightning_distill.options import OnPolicy
 from lightning_distill.prompts import PromptFile, positions
 from lightning_distill.sharding import is_sharded
@@ -130,14 +131,16 @@ class StudentSamples(TeacherSignal):
 
 
 @torch.no_grad()
-def greedy_scores(run: Run, batch: Batch, prompt_tokens: int, new_tokens: int) -> tuple[dict[str, Tensor], Tensor]:
+def greedy_scores(run: Run, batch: Batch, prompt_tokens: int, new_tokens: int) -> tuple[dict[str, Tensor],
+                                                                                        dict[str, Tensor]]:
     """What on-policy training optimizes, on held-out prompts: the student continues each block's first
     ``prompt_tokens`` greedily for ``new_tokens``; on those tokens (up to the first EOS), ``teacher_logprob``: the
     teacher's mean log-prob of them, and ``on_policy_rkl``: the mean KL(student || teacher) of the full
-    distributions.
+    distributions; per continuation, its ``length`` and its ``distinct_2`` / ``distinct_4`` n-gram shares
+    (:func:`lightning_distill.metrics.distinct_ngrams`).
 
     Returns:
-        The two means and the number of scored tokens (their weight).
+        The means, and per name the weight of its mean (scored tokens, or continuations).
     """
     settings = generation.GenerationSettings(max_new_tokens=new_tokens)
     prompts = batch["input_ids"][:, :prompt_tokens]  # (B, P)
@@ -148,6 +151,11 @@ def greedy_scores(run: Run, batch: Batch, prompt_tokens: int, new_tokens: int) -
     teacher = run.teacher(input_ids=sequences).logits[:, :-1].float()  # (B, P + N - 1, V)
     student = run.student(input_ids=sequences).logits[:, :-1].float()
     teacher_logp = torch.log_softmax(teacher, -1).gather(-1, labels.clamp(min=0).unsqueeze(-1)).squeeze(-1)
+    written = targets[:, prompts.shape[1]:] != IGNORE_INDEX  # (B, N): each continuation up to its first EOS
     values = {"teacher_logprob": reduce_tokens(teacher_logp.reshape(-1), labels),
-              "on_policy_rkl": ReverseKL()(student, teacher, labels)}
-    return values, (labels != IGNORE_INDEX).sum()
+              "on_policy_rkl": ReverseKL()(student, teacher, labels),
+              "length": written.sum(-1).float().mean(),
+              **{f"distinct_{n}": distinct_ngrams(new.cpu(), written.cpu(), n).mean() for n in (2, 4)}}
+    tokens, rows = (labels != IGNORE_INDEX).sum(), torch.tensor(prompts.shape[0])
+    return values, {"teacher_logprob": tokens, "on_policy_rkl": tokens, "length": rows, "distinct_2": rows,
+                    "distinct_4": rows}

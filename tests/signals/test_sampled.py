@@ -15,6 +15,7 @@ from conftest import TINY_STUDENT, tiny_data, tiny_trainer
 
 from lightning_distill import OnPolicy, SoftDistill, Validation, generation
 from lightning_distill.losses import ReverseKL, SparseTargets
+from lightning_distill.metrics import distinct_ngrams
 from lightning_distill.signals import LiveTeacher, StudentSamples
 
 ON_POLICY = {"prompt_tokens": 8, "max_new_tokens": 6}
@@ -166,6 +167,17 @@ def test_fit_logs_generation_and_the_on_policy_validation_metric(tiny_teacher_di
                  "val/on_policy_rkl", "val/kl"):
         assert torch.isfinite(metrics[name]), name
     assert 0 < metrics["train/generation_share"] < 1 and metrics["val/teacher_logprob"] < 0
+    assert 1 <= metrics["val/length"] <= 4  # greedy continuations of 4 tokens, cut at their first EOS
+    for n in (2, 4):
+        assert 0 < metrics[f"val/distinct_{n}"] <= 1
+
+
+def test_distinct_ngrams_counts_repeats_within_each_continuation_up_to_its_end():
+    tokens = torch.tensor([[1, 2, 3, 4, 5], [7, 7, 7, 7, 7], [1, 2, 1, 2, 9]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [1, 1, 1, 1, 0]]).bool()  # the third ends after 4
+    torch.testing.assert_close(distinct_ngrams(tokens, mask, 2), torch.tensor([1.0, 0.25, 2 / 3]))
+    torch.testing.assert_close(distinct_ngrams(tokens, mask, 4), torch.tensor([1.0, 0.5, 1.0]))
+    assert distinct_ngrams(tokens[:1, :1], mask[:1, :1], 2).tolist() == [1.0]  # too short to repeat
 
 
 def test_bad_arguments(tiny_teacher_dir, tmp_path):
