@@ -216,14 +216,14 @@ def build_student(spec: str | dict[str, Any], teacher: PreTrainedModel | None = 
     Args:
         spec: one of
             - a model name (builtin, Hugging Face id, folder): loaded pretrained;
-            - ``{"from_teacher": {"layers": N}}``: N evenly spaced teacher layers (first and last included) with
-              their weights, plus the teacher's embeddings, final norm and output head; ``"select": "importance"``
-              keeps the N most important ones instead, ``"layers": [i, j, ...]`` the ones listed
+            - ``{"from_teacher": {"layers": N}}``: the N teacher layers of highest measured importance with their
+              weights, plus the teacher's embeddings, final norm and output head; ``"select": "evenly"`` keeps N
+              evenly spaced ones instead (first and last included), ``"layers": [i, j, ...]`` the ones listed
               (:mod:`lightning_distill.pruning`); the kept indices are in ``config.distill_teacher_layers``;
             - ``{"config": {"model_type": "llama", ...}}``: a fresh random model of that config; a missing
               ``vocab_size`` is taken from the teacher.
         teacher: the teacher model, needed by ``from_teacher`` and to fill in ``vocab_size``.
-        tokenizer: the teacher's tokenizer, needed by ``from_teacher`` with ``"select": "importance"``.
+        tokenizer: the teacher's tokenizer, needed by ``from_teacher`` unless ``"select": "evenly"``.
 
     Returns:
         A trainable causal LM (``train()`` mode, float32).

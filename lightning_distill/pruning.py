@@ -2,13 +2,14 @@
 
 A student spec's ``from_teacher`` options choose the layers:
 
-- ``{"layers": N}`` (``select="evenly"``, the default): N evenly spaced layers, first and last included, as
-  DistilBERT (Sanh et al. 2019) keeps every other layer;
-- ``{"layers": N, "select": "importance"}``: the N layers that change their input most on a few calibration
-  blocks of the built-in corpus, by the Block Influence of ShortGPT (Men et al. 2024, "ShortGPT: Layers in Large
-  Language Models are More Redundant Than You Expect"): ``BI_i = 1 - mean_t cos(x_i,t, x_i+1,t)`` over the
-  tokens t of the calibration text, x_i the input of layer i and x_i+1 its output. Minitron (Muralidharan et al.
-  2024) ranks depth by measured importance too;
+- ``{"layers": N}`` (``select="importance"``, the default): the N layers that change their input most on a few
+  calibration blocks of the built-in corpus, by the Block Influence of ShortGPT (Men et al. 2024, "ShortGPT:
+  Layers in Large Language Models are More Redundant Than You Expect"): ``BI_i = 1 - mean_t cos(x_i,t, x_i+1,t)``
+  over the tokens t of the calibration text, x_i the input of layer i and x_i+1 its output. Minitron (Muralidharan
+  et al. 2024) ranks depth by measured importance too, and so does the method table of ``benchmarks/quality.py``
+  (evenly spaced layers against these, at equal steps);
+- ``{"layers": N, "select": "evenly"}``: N evenly spaced layers, first and last included, as DistilBERT (Sanh et
+  al. 2019) keeps every other layer (no calibration pass);
 - ``{"layers": [i, j, ...]}``: these teacher layers, in increasing order.
 
 The kept teacher indices are recorded in the student's config as ``distill_teacher_layers`` (so they are in the
@@ -28,6 +29,7 @@ from transformers import AutoModelForCausalLM, PreTrainedModel, PreTrainedTokeni
 from lightning_distill.checks import choice, require
 
 SELECT = ("evenly", "importance")
+DEFAULT_SELECT = "importance"  #: measured best (``benchmarks/quality.py``, ``benchmarks/demo_recipe.py``)
 TEACHER_LAYERS = "distill_teacher_layers"  #: the student config field holding the kept teacher layer indices
 CALIBRATION_CORPUS = "builtin:python-docs"
 CALIBRATION_BLOCKS = 8  # blocks of calibration text, each starting at a document spread over the corpus
@@ -55,7 +57,7 @@ def from_teacher(teacher: PreTrainedModel, options: dict[str, Any] | None,
     token's text)."""
     options = dict(options or {})
     layers = options.pop("layers", None)
-    select = options.pop("select", "evenly")
+    select = options.pop("select", None)
     own = options.pop("tokenizer", None)
     if options:
         raise ValueError(f"student.from_teacher accepts only 'layers', 'select' and 'tokenizer', got extra keys "
@@ -79,15 +81,16 @@ def own_tokenizer(spec: Any) -> str | None:
     return options.get("tokenizer") if isinstance(options, dict) else None
 
 
-def select_layers(teacher: PreTrainedModel, layers: int | list[int] | None, select: str = "evenly",
+def select_layers(teacher: PreTrainedModel, layers: int | list[int] | None, select: str | None = None,
                   tokenizer: PreTrainedTokenizerBase | None = None) -> list[int]:
     """The teacher layer indices a student keeps, in increasing order.
 
     Args:
         teacher: the teacher model.
         layers: how many layers to keep (1 to the teacher's depth), or the indices themselves.
-        select: with a number of layers: ``"evenly"`` (evenly spaced, first and last included) or
-            ``"importance"`` (highest Block Influence on the calibration text, :func:`block_influence`).
+        select: with a number of layers: ``"importance"`` (highest Block Influence on the calibration text,
+            :func:`block_influence`; ``None``, the default) or ``"evenly"`` (evenly spaced, first and last
+            included).
         tokenizer: the teacher's tokenizer: ``"importance"`` tokenizes the calibration text with it.
 
     Raises:
@@ -95,7 +98,7 @@ def select_layers(teacher: PreTrainedModel, layers: int | list[int] | None, sele
     """
     total = teacher.config.num_hidden_layers
     if isinstance(layers, (list, tuple)):
-        if select != "evenly":
+        if select is not None:
             raise ValueError(f"student.from_teacher.select={select!r} chooses among a number of layers, but layers "
                              f"is the list {list(layers)}: drop select, or give layers as a number")
         name, given = "student.from_teacher.layers", list(layers)
@@ -108,13 +111,15 @@ def select_layers(teacher: PreTrainedModel, layers: int | list[int] | None, sele
         return given
     require(isinstance(layers, int) and not isinstance(layers, bool), "student.from_teacher.layers", layers,
             "an integer or a list of teacher layer indices")
+    select = DEFAULT_SELECT if select is None else select
     choice("student.from_teacher.select", select, SELECT)
     kept = evenly_spaced(total, layers)  # checks the range
     if select == "evenly":
         return kept
     if tokenizer is None:
-        raise ValueError("student.from_teacher.select='importance' measures the teacher on calibration text: pass "
-                         "the teacher's tokenizer (build_student(spec, teacher, tokenizer))")
+        raise ValueError("student.from_teacher.select='importance' (the default) measures the teacher on "
+                         "calibration text: pass the teacher's tokenizer (build_student(spec, teacher, tokenizer)), "
+                         "or select='evenly'")
     influence = block_influence(teacher, calibration_blocks(tokenizer, teacher))
     ranked = sorted(range(total), key=lambda i: (-influence[i], i))  # most influential first, ties by depth
     return sorted(ranked[:layers])
@@ -181,7 +186,7 @@ def block_influence(model: PreTrainedModel, input_ids: Tensor,
 def prune_layers(teacher: PreTrainedModel, layers: int | list[int] | None) -> PreTrainedModel:
     """A float32 copy of ``teacher`` keeping some of its decoder layers (depth pruning): ``layers`` evenly spaced
     ones (a number) or the ones listed; the kept indices are recorded as ``config.distill_teacher_layers``."""
-    kept = select_layers(teacher, layers)
+    kept = select_layers(teacher, layers, "evenly") if isinstance(layers, int) else select_layers(teacher, layers)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds follow their layers

@@ -27,7 +27,7 @@ def test_load_teacher_is_frozen(tiny_teacher_dir):
 
 def test_from_teacher_copies_selected_layers(tiny_teacher_dir):
     teacher, _ = load_teacher(tiny_teacher_dir)
-    student = build_student({"from_teacher": {"layers": 2}}, teacher)
+    student = build_student({"from_teacher": {"layers": 2, "select": "evenly"}}, teacher)
     assert student.config.num_hidden_layers == 2 and student.training
     assert all(p.requires_grad for p in student.parameters())
     for s_idx, t_idx in enumerate([0, 3]):

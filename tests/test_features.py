@@ -139,7 +139,8 @@ def test_on_adds_the_weighted_term_and_maps_copied_layers(tiny_teacher_dir):
     batch = batch_of()
     _, off = step_parts(soft(tiny_teacher_dir), batch)
     model = soft(tiny_teacher_dir, features=Features(weight=0.5))
-    assert model.features.layer_map == {0: 0, 1: 3}  # the teacher layers the student was copied from
+    kept = model.student.config.distill_teacher_layers  # the tiny teacher's 2 most important of 4 layers
+    assert model.features.layer_map == {0: kept[0], 1: kept[1]}  # the teacher layers the student was copied from
     _, on = step_parts(model, batch)
     assert torch.equal(on["kd"], off["kd"]) and torch.equal(on["ce"], off["ce"])
     torch.testing.assert_close(on["loss"], off["loss"] + 0.5 * on["feature_loss"])

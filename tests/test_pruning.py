@@ -32,14 +32,18 @@ def layers_of(student, teacher, kept):
     return all(torch.equal(a, b) for s, t in pairs for a, b in zip(s.parameters(), t.parameters(), strict=True))
 
 
-def test_evenly_spaced_default_is_unchanged_and_recorded(teacher_and_tokenizer):
-    teacher, _ = teacher_and_tokenizer
-    student = build_student(TINY_STUDENT, teacher)
-    assert getattr(student.config, TEACHER_LAYERS) == [0, 3] == evenly_spaced(4, 2)
-    assert layers_of(student, teacher, [0, 3])
-    explicit = build_student({"from_teacher": {"layers": 2, "select": "evenly"}}, teacher)
-    assert all(torch.equal(a, b) for a, b in zip(student.state_dict().values(), explicit.state_dict().values(),
+def test_importance_is_the_default_and_evenly_is_asked_for(teacher_and_tokenizer):
+    teacher, tokenizer = teacher_and_tokenizer
+    default = build_student(TINY_STUDENT, teacher, tokenizer)
+    importance = build_student({"from_teacher": {"layers": 2, "select": "importance"}}, teacher, tokenizer)
+    assert getattr(default.config, TEACHER_LAYERS) == getattr(importance.config, TEACHER_LAYERS)
+    assert all(torch.equal(a, b) for a, b in zip(default.state_dict().values(), importance.state_dict().values(),
                                                  strict=True))
+    evenly = build_student({"from_teacher": {"layers": 2, "select": "evenly"}}, teacher)  # no calibration pass
+    assert getattr(evenly.config, TEACHER_LAYERS) == [0, 3] == evenly_spaced(4, 2)
+    assert layers_of(evenly, teacher, [0, 3])
+    with pytest.raises(ValueError, match=r"select='importance' \(the default\) measures the teacher.*select='evenly'"):
+        build_student(TINY_STUDENT, teacher)  # the default needs the teacher's tokenizer
 
 
 def test_calibration_blocks_are_fixed_corpus_text(teacher_and_tokenizer):
@@ -99,7 +103,7 @@ def test_bad_selection_names_the_argument(teacher_and_tokenizer, options, messag
 
 def test_importance_needs_the_tokenizer(teacher_and_tokenizer):
     teacher, _ = teacher_and_tokenizer
-    with pytest.raises(ValueError, match=r"select='importance' measures the teacher on calibration text"):
+    with pytest.raises(ValueError, match=r"select='importance' \(the default\) measures the teacher on calibration"):
         build_student({"from_teacher": {"layers": 2, "select": "importance"}}, teacher)
 
 

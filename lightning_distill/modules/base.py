@@ -90,8 +90,9 @@ class DistillModule(L.LightningModule):
             when the signal comes from stored labels and the student is a named model; SoftDistill also takes the
             URL of a teacher server (``"http://HOST:PORT"``, or a list of URLs; :mod:`lightning_distill.serve`);
             SoftDistill and HardDistill take several named teachers (:class:`~lightning_distill.options.Teachers`).
-        student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher; ``None``: 6 layers), a model
-            name, or ``{"config": {...}}`` for a fresh random model.
+        student: ``{"from_teacher": {"layers": N}}`` (depth-pruned copy of the teacher keeping its N layers of
+            highest measured importance, or ``"select": "evenly"`` spaced ones; ``None``: 6 layers), a model name,
+            or ``{"config": {...}}`` for a fresh random model.
         tokenizer: model name whose tokenizer to use; default the teacher's (or the student's when it is a name
             and there is no teacher).
         optimization: learning rate and schedule (:class:`~lightning_distill.options.Optimization`).

@@ -71,7 +71,8 @@ class SoftDistill(DistillModule):
             student's tokenizer is its own (``student={"from_teacher": {..., "tokenizer": NAME}}``, ``tokenizer=``,
             or a named student's).
         temperature: softening temperature T > 0; the KD term is scaled by T^2.
-        ce_weight: weight of cross-entropy on the real text, in [0, 1].
+        ce_weight: weight of cross-entropy on the real text, in [0, 1] (0.25: best of a sweep at the method table's
+            budgets, ``benchmarks/recipe_sweep.py``).
         labels: folder of a ``topk`` or ``sampled`` label store to train from instead of a live teacher; its
             ``temperature`` must equal ``temperature``.
         tail: top-k stores: ``"bucket"`` or ``"renorm"`` (forward KL only); see
@@ -99,7 +100,7 @@ class SoftDistill(DistillModule):
         tokenizer: str | None = None,
         loss: DivergenceName | CrossTokenizerName | Divergence | CrossTokenizerLoss = "forward_kl",
         temperature: float = 1.0,
-        ce_weight: float = 0.5,
+        ce_weight: float = 0.25,
         labels: str | None = None,
         tail: Literal["bucket", "renorm"] = "bucket",
         labels_any_teacher: bool = False,
@@ -113,7 +114,7 @@ class SoftDistill(DistillModule):
         cross = isinstance(loss, CrossTokenizerLoss) or loss in ("uld", "gold")
         self.divergence = get_cross_tokenizer_loss(loss) if cross else get_divergence(loss)
         checks.number("temperature", temperature, "> 0", lambda v: v > 0, "1.0")
-        checks.number("ce_weight", ce_weight, "in [0, 1] (1 = CE-only baseline)", lambda v: 0 <= v <= 1, "0.5")
+        checks.number("ce_weight", ce_weight, "in [0, 1] (1 = CE-only baseline)", lambda v: 0 <= v <= 1, "0.25")
         checks.choice("tail", tail, ("bucket", "renorm"))
         checks.require(on_policy is None or isinstance(on_policy, OnPolicy), "on_policy", on_policy,
                        "None or OnPolicy(...)", "write e.g. on_policy=OnPolicy(lmbda=0.5)")
