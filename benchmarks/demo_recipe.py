@@ -40,6 +40,7 @@ EVENLY = {"from_teacher": {"layers": 6}}
 IMPORTANCE = {"from_teacher": {"layers": 6, "select": "importance"}}
 FEATURES = {"features": Features(weight=1.0)}  # the feature term at weight 1 (cosine, the matched layers)
 LR_2E3 = {"optimization": Optimization(learning_rate=2e-3)}
+FROZEN_EMB = Optimization(learning_rate=2e-3, train_embeddings=False)
 RECIPE = {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.25, **LR_2E3}  # the demo's recipe since 2026-11-30
 CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (student spec included)
     "today": {"student": EVENLY},
@@ -59,6 +60,14 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (stud
                                    "steps": 160},
     "recipe_lr3e-3": {**RECIPE, "optimization": Optimization(learning_rate=3e-3)},
     "recipe_T2_lr3e-3": {**RECIPE, "temperature": 2.0, "optimization": Optimization(learning_rate=3e-3)},
+    "L8_recipe": {**RECIPE, "student": {"from_teacher": {"layers": 8, "select": "importance"}}},
+    "L8_recipe_frozen_emb": {**RECIPE, "student": {"from_teacher": {"layers": 8, "select": "importance"}},
+                             "optimization": FROZEN_EMB},
+    "L7_recipe_frozen_emb": {**RECIPE, "student": {"from_teacher": {"layers": 7, "select": "importance"}},
+                             "optimization": FROZEN_EMB},
+    "L8_frozen_emb_ce0.1": {**RECIPE, "student": {"from_teacher": {"layers": 8, "select": "importance"}},
+                            "optimization": FROZEN_EMB, "ce_weight": 0.1},
+    "recipe_frozen_emb_ce0.1_160steps": {**RECIPE, "optimization": FROZEN_EMB, "ce_weight": 0.1, "steps": 160},
     "importance_160steps": {"student": IMPORTANCE, "steps": 160},
     "importance_features_160steps": {"student": IMPORTANCE, **FEATURES, "steps": 160},
 }
