@@ -5,8 +5,8 @@ SmolLM2-135M-Instruct teacher -> 6-layer depth-pruned student (~49.5M parameters
 student's validation perplexity in domain and out of domain, KL(teacher || student), top-1 agreement with the
 teacher, the teacher storage per token the method needs, and wall time, plus validation perplexity against steps.
 
-    python benchmarks/quality.py                  # both budgets, every method: 41 min on 2 quiet CPU cores (bf16)
-    python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl   # a subset
+    python benchmarks/quality.py                  # the table: seeds 0, 1 at the short budget, 0 at multi_epoch
+    python benchmarks/quality.py --budgets short --methods ce_only,soft_fkl --seeds 0   # a subset
     python benchmarks/quality.py --resume         # after an interruption: run only what OUT.json lacks
     python benchmarks/quality.py --replot         # redraw OUT.md and OUT.png from OUT.json
     python benchmarks/quality.py --methods ce_only,soft_topk32_stored --max-steps 4 --out /tmp/q   # a smoke run
@@ -26,12 +26,17 @@ targets over their UTF-8 bytes, EOS counted as one byte), which the second table
 
     python benchmarks/quality.py --budgets short --methods ce_only,cross_ce_only,cross_uld,cross_gold
 
-``soft_fkl_features`` adds feature distillation (each student layer's hidden states matched to the teacher layer
-it was copied from, cosine loss, ``features=Features(weight=1.0)``); ``soft_fkl_importance`` keeps the 6 teacher
-layers of highest Block Influence instead of 6 evenly spaced ones (:mod:`lightning_distill.pruning`).
+The on-policy rows (``onpolicy_*``) run only when named: from this freshly pruned student on-policy training
+collapses or barely moves (``results/quality_onpolicy.md``, 2026-11-30), so on-policy is measured from a distilled
+start, at equal wall time, by ``benchmarks/on_policy_phases.py``. Every row's student keeps the 6 teacher layers of
+highest Block Influence (the default, :mod:`lightning_distill.pruning`) except ``soft_fkl_evenly``'s, which keeps 6
+evenly spaced ones. ``soft_fkl_features`` adds feature distillation (each student layer's hidden states matched
+to the teacher layer it was copied from, cosine loss, ``features=Features(weight=1.0)``).
 
 Budgets: ``short`` trains on the whole corpus for a fraction of an epoch; ``multi_epoch`` trains several epochs
-on a subset of the documents (the ranking of methods can change when the data repeats). Writes
+on a subset of the documents (the ranking of methods can change when the data repeats). Each budget runs its
+seeds (``short``: 0 and 1, ``multi_epoch``: 0; ``--seeds`` replaces them); where a row has two or more, the table
+gives their mean and a spread column (max - min over the seeds, as a share of the mean). Writes
 ``benchmarks/results/quality.{json,md,png}``. All runs use bf16 where the CPU/GPU has native bf16 (else fp32).
 """
 
@@ -86,6 +91,7 @@ class Method:
     storage: str  # what the method needs from the teacher, per token
     uses_frozen_teacher: bool = True
     store: dict[str, Any] | None = None  # LabelWriter settings: trains from this label store, teacher absent
+    in_table: bool = True  # run by ``--methods all``; the rest only when named
 
 
 ON_POLICY = {"prompt_tokens": 32, "max_new_tokens": 64}  # on-policy rows: the student continues 32-token prompts
@@ -106,8 +112,8 @@ def default_methods() -> dict[str, Method]:
         "soft_jsd": Method(soft, {"loss": GeneralizedJSD(beta=0.5)}, "live logits"),
         "soft_fkl_features": Method(soft, {"features": Features(weight=1.0, loss="cosine")},
                                     "live logits + hidden states of the same forward"),
-        "soft_fkl_importance": Method(soft, {"student": {"from_teacher": {"layers": 6, "select": "importance"}}},
-                                      "live logits"),
+        "soft_fkl_evenly": Method(soft, {"student": {"from_teacher": {"layers": 6, "select": "evenly"}}},
+                                  "live logits"),
         "hard_top1": Method(HardDistill, {"mode": "top1", "ce_weight": 0.5}, "2 B (one uint16 id)"),
         "hard_generate": Method(HardDistill, {"mode": "generate",
                                               "generation": Generation(prompt_tokens=32, max_new_tokens=96)},
@@ -118,16 +124,20 @@ def default_methods() -> dict[str, Method]:
         "co_distill": Method(CoDistill, {"schedule": Schedule(kind="linear", ramp_steps=20), "kd_weight": 0.5,
                                          "teacher_learning_rate": 2e-5}, "live logits of a trained teacher",
                              uses_frozen_teacher=False),
+        # On-policy rows from this freshly pruned student collapse (lmbda=1) or barely move (2026-11-30,
+        # results/quality_onpolicy.md); on-policy is measured from a distilled start by on_policy_phases.py instead,
+        # so these run only when named.
         "onpolicy_rkl_0.5": Method(soft, {"on_policy": OnPolicy(lmbda=0.5, **ON_POLICY)},
-                                   "live logits on the student's samples"),
+                                   "live logits on the student's samples", in_table=False),
         "onpolicy_rkl_1": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, **ON_POLICY)},
-                                 "live logits on the student's samples"),
+                                 "live logits on the student's samples", in_table=False),
         "onpolicy_rkl_1_start20": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, start=20, **ON_POLICY)},
-                                         "live logits on the student's samples (after 20 off-policy steps)"),
+                                         "live logits on the student's samples (after 20 off-policy steps)",
+                                         in_table=False),
         "onpolicy_token_0.5": Method(soft, {"on_policy": OnPolicy(lmbda=0.5, loss="sampled_token", **ON_POLICY)},
-                                     "4 B (log-prob of each sampled token)"),
+                                     "4 B (log-prob of each sampled token)", in_table=False),
         "onpolicy_token_1": Method(soft, {"on_policy": OnPolicy(lmbda=1.0, loss="sampled_token", **ON_POLICY)},
-                                   "4 B (log-prob of each sampled token)"),
+                                   "4 B (log-prob of each sampled token)", in_table=False),
         "cross_ce_only": Method(soft, {"student": CROSS_STUDENT, "loss": "uld", "ce_weight": 1.0},
                                 "nothing (no teacher); student on its own 4k tokenizer", uses_frozen_teacher=False),
         "cross_uld": Method(soft, {"student": CROSS_STUDENT, "loss": "uld", "temperature": 2.0},  # T: a sweep's best
@@ -148,6 +158,7 @@ class Budget:
     batch_size: int
     val_every: int
     max_documents: int | None  # None: the whole corpus
+    seeds: tuple[int, ...] = (0,)  # each row runs once per seed
 
     @property
     def label(self) -> str:
@@ -156,8 +167,8 @@ class Budget:
 
 
 BUDGETS = {
-    "short": Budget(steps=40, batch_size=4, val_every=10, max_documents=None),
-    "multi_epoch": Budget(steps=60, batch_size=4, val_every=15, max_documents=8),
+    "short": Budget(steps=40, batch_size=4, val_every=10, max_documents=None, seeds=(0, 1)),
+    "multi_epoch": Budget(steps=60, batch_size=4, val_every=15, max_documents=8, seeds=(0,)),
 }
 
 
@@ -303,8 +314,8 @@ def run(name: str, method: Method, budget: Budget, cache: TeacherCache, seed: in
           f"bits/byte {final['val/bpb']:.3f} / {final['val_ood/bpb']:.3f}, kl {final.get('val/kl', math.nan):.3f}, "
           f"agreement {final.get('val/agreement', math.nan):.3f}, {wall:.0f} s", flush=True)
     storage = method.storage if store is None else f"{method.storage}: {store['bytes_per_token']:,.0f} B on disk"
-    row = {"method": name, "storage": storage, "wall_s": wall, "final": final, "history": history.rows,
-           "train_blocks": len(data.train_blocks)}
+    row = {"method": name, "seed": seed, "storage": storage, "wall_s": wall, "final": final,
+           "history": history.rows, "train_blocks": len(data.train_blocks)}
     if generates:
         row["generations"] = generation_stats(generations, model.tokenizer.eos_token_id)
     return row
@@ -323,6 +334,33 @@ def generation_stats(folder: Path, eos_id: int | None) -> dict[str, float]:
     return {"continuations": len(shares), "distinct_4grams": sum(shares) / max(len(shares), 1)}
 
 
+def seed_labels(labelling: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """A budget's labelling per seed (``{"0": {...}}``); results written before seeds were recorded hold one."""
+    return {"0": labelling} if "stores" in labelling else labelling
+
+
+def by_method(rows: list[dict[str, Any]]) -> list[list[dict[str, Any]]]:
+    """The rows grouped per method (its seeds), methods in first-seen order."""
+    groups: dict[str, list[dict[str, Any]]] = {}
+    for row in rows:
+        groups.setdefault(row["method"], []).append(row)
+    return list(groups.values())
+
+
+def mean(runs: list[dict[str, Any]], key: str, at: str = "final") -> float:
+    """The mean over a method's seeds of ``key`` in each run's final metrics (``at="start"``: before training)."""
+    values = [run["final"][key] if at == "final" else run["history"][0][key] for run in runs]
+    return sum(values) / len(values)
+
+
+def spread(runs: list[dict[str, Any]], key: str) -> str:
+    """max - min of ``key`` over a method's seeds, as a share of their mean ("-": one seed)."""
+    values = [run["final"][key] for run in runs]
+    if len(values) < 2:
+        return "-"
+    return f"{(max(values) - min(values)) / (sum(values) / len(values)):.0%}"
+
+
 def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict[str, Any]], machine: str,
              command: str, date: str | None = None) -> str:
     lines = [f"Machine: {machine}. Command: `{command}`. Date: {date or time.strftime('%Y-%m-%d')}.", ""]
@@ -330,39 +368,51 @@ def markdown(results: dict[str, list[dict[str, Any]]], labelling: dict[str, dict
         budget = BUDGETS[budget_name]
         epochs = budget.steps * budget.batch_size / rows[0]["train_blocks"]
         blocks = rows[0]["train_blocks"]
-        done = labelling.get(budget_name, {})
-        note = (f" Stored-label rows: the teacher labelled {done['tokens']:,} tokens (both splits) into their stores "
-                f"in one pass of {done['seconds']:.0f} s, not in their wall time." if done.get("stores") else "")
-        lines += [f"**{budget_name}**: {budget.label}: {epochs:.1f} epochs of {blocks} train blocks.{note}", "",
-                  "| method | ppl in domain | ppl Shakespeare | KL(teacher‖student) | top-1 agreement | "
-                  "teacher storage / token | train wall time |",
-                  "|---|---:|---:|---:|---:|---|---:|"]
-        same = [row for row in rows if "val/kl" in row["final"]]  # the teacher's tokenizer: id-by-id metrics
-        teacher = same[0]["final"] if same else {}
+        seeds = sorted({row.get("seed", 0) for row in rows})
+        several = len(seeds) > 1
+        done = [d for d in seed_labels(labelling.get(budget_name, {})).values() if d.get("stores")]
+        note = (f" Stored-label rows: the teacher labelled {done[0]['tokens']:,} tokens (both splits) into their "
+                f"stores in one pass of {sum(d['seconds'] for d in done) / len(done):.0f} s per seed, not in their "
+                "wall time." if done else "")
+        cells = (f" Each cell: the mean of seeds {', '.join(map(str, seeds))}; spread: max - min over the seeds, as a "
+                 "share of the mean." if several else f" Seed {seeds[0]}.")
+        lines += [f"**{budget_name}**: {budget.label}: {epochs:.1f} epochs of {blocks} train blocks.{cells}{note}", "",
+                  "| method | ppl in domain | ppl Shakespeare | " + ("spread docs / Shakespeare | " if several else "")
+                  + "KL(teacher‖student) | top-1 agreement | teacher storage / token | train wall time |",
+                  "|---|---:|---:|" + ("---:|" if several else "") + "---:|---:|---|---:|"]
+        same = [runs for runs in by_method(rows) if "val/kl" in runs[0]["final"]]  # the teacher's tokenizer
+        teacher = same[0][0]["final"] if same else {}
+        pad = "| " if several else ""
         if same:
-            lines.append(f"| *teacher* | {teacher['val/teacher_ppl']:.1f} | {teacher['val_ood/teacher_ppl']:.1f} | 0 "
-                         "| 1 | | |")
-            start = same[0]["history"][0]
-            lines.append(f"| *student as pruned* | {start['val/ppl']:.3g} | {start['val_ood/ppl']:.3g} | "
-                         f"{start['val/kl']:.2f} | {start['val/agreement']:.3f} | | |")
-        for row in same:
-            f = row["final"]
-            lines.append(f"| {row['method']} | {f['val/ppl']:.1f} | {f['val_ood/ppl']:.1f} | {f['val/kl']:.3f} | "
-                         f"{f['val/agreement']:.3f} | {row['storage']} | {row['wall_s']:.0f} s |")
+            first = same[0]  # the teacher on each seed's held-out documents, as the students' means
+            lines.append(f"| *teacher* | {mean(first, 'val/teacher_ppl'):.1f} | "
+                         f"{mean(first, 'val_ood/teacher_ppl'):.1f} | {pad}0 | 1 | | |")
+            lines.append(f"| *student as pruned* | {mean(first, 'val/ppl', 'start'):.3g} | "
+                         f"{mean(first, 'val_ood/ppl', 'start'):.3g} | {pad}{mean(first, 'val/kl', 'start'):.2f} | "
+                         f"{mean(first, 'val/agreement', 'start'):.3f} | | |")
+        for runs in same:
+            spreads = f"{spread(runs, 'val/ppl')} / {spread(runs, 'val_ood/ppl')} | " if several else ""
+            wall = sum(r["wall_s"] for r in runs) / len(runs)
+            lines.append(f"| {runs[0]['method']} | {mean(runs, 'val/ppl'):.1f} | {mean(runs, 'val_ood/ppl'):.1f} | "
+                         f"{spreads}{mean(runs, 'val/kl'):.3f} | {mean(runs, 'val/agreement'):.3f} | "
+                         f"{runs[0]['storage']} | {wall:.0f} s |")
         lines.append("")
         lines += bits_per_byte_view(rows, teacher)
         lines += on_policy_view(rows)
-        for row in rows:
-            if "generations" in row:
-                g = row["generations"]
-                lines.append(f"- {row['method']}: {g['continuations']} teacher continuations, "
-                             f"{g['distinct_4grams']:.0%} distinct 4-grams within a continuation on average.")
+        for runs in by_method(rows):
+            for row in runs:
+                if "generations" in row:
+                    g = row["generations"]
+                    lines.append(f"- {row['method']} (seed {row.get('seed', 0)}): {g['continuations']} teacher "
+                                 f"continuations, {g['distinct_4grams']:.0%} distinct 4-grams within a continuation "
+                                 "on average.")
         lines.append("")
     return "\n".join(lines)
 
 
 def bits_per_byte_view(rows: list[dict[str, Any]], teacher: dict[str, float]) -> list[str]:
-    """Every row in bits per byte (comparable across tokenizers), in domain and on Shakespeare, at equal steps."""
+    """Every row in bits per byte (comparable across tokenizers), in domain and on Shakespeare, at equal steps
+    (means over the seeds)."""
     if not all("val/bpb" in row["final"] for row in rows):
         return []
     lines = ["Bits per byte of the held-out text (comparable across tokenizers; `cross_*` students read with their "
@@ -372,11 +422,13 @@ def bits_per_byte_view(rows: list[dict[str, Any]], teacher: dict[str, float]) ->
     if "val/teacher_bpb" in teacher:
         lines.append(f"| *teacher* | SmolLM2 (49k) | {teacher['val/teacher_bpb']:.3f} | "
                      f"{teacher['val_ood/teacher_bpb']:.3f} | | |")
-    for row in rows:
-        f, start = row["final"], row["history"][0]
-        own = "4k BPE (own)" if row["method"].startswith("cross_") else "SmolLM2 (49k)"
-        lines.append(f"| {row['method']} | {own} | {f['val/bpb']:.3f} | {f['val_ood/bpb']:.3f} | "
-                     f"{start['val/bpb']:.2f} / {start['val_ood/bpb']:.2f} | {row['wall_s']:.0f} s |")
+    for runs in by_method(rows):
+        name = runs[0]["method"]
+        own = "4k BPE (own)" if name.startswith("cross_") else "SmolLM2 (49k)"
+        wall = sum(r["wall_s"] for r in runs) / len(runs)
+        lines.append(f"| {name} | {own} | {mean(runs, 'val/bpb'):.3f} | {mean(runs, 'val_ood/bpb'):.3f} | "
+                     f"{mean(runs, 'val/bpb', 'start'):.2f} / {mean(runs, 'val_ood/bpb', 'start'):.2f} | "
+                     f"{wall:.0f} s |")
     return [*lines, ""]
 
 
@@ -391,12 +443,14 @@ def on_policy_view(rows: list[dict[str, Any]]) -> list[str]:
              f"training time ({rows[0]['method']}'s {budget:.0f} s of training batches):", "",
              "| method | teacher log-prob / token | KL(student‖teacher) on own text | ppl in domain | train time | "
              f"at {budget:.0f} s: step | log-prob | ppl in domain |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    several = len({row.get("seed", 0) for row in rows}) > 1
     for row in rows:
         f = row["final"]
         if "val/teacher_logprob" not in f:
             continue
         near = min(row["history"][1:], key=lambda h: abs(h["train_s"] - budget))
-        lines.append(f"| {row['method']} | {f['val/teacher_logprob']:.3f} | {f['val/on_policy_rkl']:.3f} | "
+        name = f"{row['method']} (seed {row.get('seed', 0)})" if several else row["method"]
+        lines.append(f"| {name} | {f['val/teacher_logprob']:.3f} | {f['val/on_policy_rkl']:.3f} | "
                      f"{f['val/ppl']:.1f} | {row['history'][-1]['train_s']:.0f} s | {near['step']} | "
                      f"{near['val/teacher_logprob']:.3f} | {near['val/ppl']:.1f} |")
     return [*lines, ""]
@@ -411,6 +465,9 @@ def plot(results: dict[str, list[dict[str, Any]]], path: Path) -> None:
     fig, axes = plt.subplots(len(results), 2, figsize=(13, 4.2 * len(results)), squeeze=False)
     colors = plt.get_cmap("tab20").colors
     for row_axes, (budget_name, rows) in zip(axes, results.items(), strict=True):
+        first_seed = min(row.get("seed", 0) for row in rows)
+        rows = [row for row in rows if row.get("seed", 0) == first_seed]  # one seed's curves
+        row_axes[0].set_title(f"seed {first_seed}")
         for ax, key, title in ((row_axes[0], "val/ppl", "in domain (Python docs)"),
                                (row_axes[1], "val_ood/ppl", "out of domain (Shakespeare)")):
             for i, row in enumerate(rows):  # from the first validation after step 0 (the pruned student: ~5e6)
@@ -442,6 +499,29 @@ def write(out: Path, results: dict[str, list[dict[str, Any]]], labelling: dict[s
     out.with_suffix(".json").write_text(json.dumps(payload, indent=2))
     out.with_suffix(".md").write_text(markdown(results, labelling, machine, command))
     plot(results, out.with_suffix(".png"))
+
+
+def merge(parts: list[Path], out: Path) -> None:
+    """``out``.json from the payloads of runs made in parts: every row (per budget, in the table's order), every
+    seed's labelling, every method; the commands and machines joined."""
+    payloads = [json.loads(part.with_suffix(".json").read_text()) for part in parts]
+    merged: dict[str, Any] = {"machine": " | ".join(dict.fromkeys(p["machine"] for p in payloads)),
+                              "command": "`, `".join(p["command"] for p in payloads),
+                              "date": max(p["date"] for p in payloads), "budgets": {}, "labelling": {}, "methods": {},
+                              "results": {}}
+    for payload in payloads:
+        merged["budgets"].update(payload["budgets"])
+        merged["methods"].update(payload["methods"])
+        for budget, rows in payload["results"].items():
+            merged["results"].setdefault(budget, []).extend(rows)
+            labelled = merged["labelling"].setdefault(budget, {})
+            for seed, done in seed_labels(payload["labelling"].get(budget, {})).items():
+                if done.get("stores") or seed not in labelled:  # a part without stores keeps another's
+                    labelled[seed] = done
+    order = {name: i for i, name in enumerate(default_methods())}  # rows in the table's order, seeds in turn
+    for rows in merged["results"].values():
+        rows.sort(key=lambda row: (order.get(row["method"], len(order)), row.get("seed", 0)))
+    out.with_suffix(".json").write_text(json.dumps(merged, indent=2))
 
 
 def plain(value: Any) -> Any:
@@ -477,9 +557,13 @@ def set_argument(methods: dict[str, Method], item: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", default="all", help="comma-separated names, or 'all'")
+    parser.add_argument("--methods", default="all",
+                        help="comma-separated names, or 'all' (the table's rows: every method but the on-policy ones)")
     parser.add_argument("--budgets", default="short,multi_epoch")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", default=None,
+                        help="comma-separated seeds run at every budget (default: each budget's own: short 0,1; "
+                             "multi_epoch 0)")
+    parser.add_argument("--seed", type=int, default=None, help="one seed at every budget (= --seeds N)")
     parser.add_argument("--out", default=str(RESULTS / "quality"), help="output path without extension")
     parser.add_argument("--set", action="append", default=[], metavar="METHOD.ARG=VALUE",
                         help="override a method argument, e.g. soft_fkl.temperature=2, or a field of an option group, "
@@ -487,12 +571,17 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true",
                         help="keep the runs (and label stores) already in OUT.json, run only the missing ones")
     parser.add_argument("--replot", action="store_true", help="only rewrite OUT.md and OUT.png from OUT.json")
+    parser.add_argument("--merge", nargs="+", metavar="PART", default=None,
+                        help="only join the rows of runs made in parts (PART.json each, e.g. seeds or methods run "
+                             "side by side) into OUT.json, .md and .png")
     parser.add_argument("--eval-new-tokens", type=int, default=0,
                         help="> 0: also score the student's own greedy continuations of held-out prompts (this many "
                              "tokens) with the teacher: the on-policy columns")
     parser.add_argument("--max-steps", type=int, default=None,
                         help="cap every budget's steps (and validate at the end): for a quick smoke run only")
     args = parser.parse_args(argv)
+    if args.seed is not None:
+        args.seeds = str(args.seed)
     methods = default_methods()
     if args.max_steps is not None:
         for budget in BUDGETS.values():
@@ -500,7 +589,7 @@ def main(argv: list[str] | None = None) -> None:
             budget.val_every = min(budget.val_every, budget.steps)
     for item in args.set:
         set_argument(methods, item)
-    names = list(methods) if args.methods == "all" else args.methods.split(",")
+    names = [n for n, m in methods.items() if m.in_table] if args.methods == "all" else args.methods.split(",")
     unknown = [name for name in names if name not in methods]
     if unknown:
         parser.error(f"--methods: unknown {unknown}; choose among {list(methods)}")
@@ -516,31 +605,38 @@ def main(argv: list[str] | None = None) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     previous = json.loads(out.with_suffix(".json").read_text()) if args.resume and out.with_suffix(".json").exists() \
         else {}
-    if args.replot:
+    if args.merge:
+        merge([Path(part) for part in args.merge], out)
+    if args.replot or args.merge:
         payload = json.loads(out.with_suffix(".json").read_text())
         out.with_suffix(".md").write_text(markdown(payload["results"], payload["labelling"], payload["machine"],
                                                    payload["command"].strip(), payload["date"]))
         plot(payload["results"], out.with_suffix(".png"))
         return
     for budget_name in args.budgets.split(","):
-        results[budget_name] = []
-        kept = {row["method"]: row for row in previous.get("results", {}).get(budget_name, [])}
-        stored = previous.get("labelling", {}).get(budget_name, {}).get("stores", {})
-        needed = {n: methods[n] for n in names if n not in kept}
-        if all(n in stored and (Path(stored[n]["path"]) / "manifest.json").exists()
-               for n, m in needed.items() if m.store is not None):
-            labelling[budget_name] = previous["labelling"][budget_name] if stored else {"seconds": 0.0, "stores": {}}
-        else:
-            labelling[budget_name] = label(needed, BUDGETS[budget_name], args.seed, workdir)
-        for name in names:  # results are written after every run: an interrupted benchmark keeps what it did
-            if name in kept:
-                print(f"[quality] {budget_name} {name}: kept from {out.with_suffix('.json')} (--resume)", flush=True)
-                results[budget_name].append(kept[name])
-                continue
-            store = labelling[budget_name]["stores"].get(name)
-            results[budget_name].append(run(name, methods[name], BUDGETS[budget_name], cache, args.seed, workdir,
-                                            store, args.eval_new_tokens))
-            write(out, results, labelling, methods, machine, command)
+        budget = BUDGETS[budget_name]
+        seeds = [int(x) for x in args.seeds.split(",")] if args.seeds else list(budget.seeds)
+        results[budget_name], labelling[budget_name] = [], {}
+        kept = {(row["method"], row.get("seed", 0)): row for row in previous.get("results", {}).get(budget_name, [])}
+        for seed in seeds:  # the split, the stores and the data order follow the seed
+            earlier = seed_labels(previous.get("labelling", {}).get(budget_name, {})).get(str(seed), {})
+            stored = earlier.get("stores", {})
+            needed = {n: methods[n] for n in names if (n, seed) not in kept}
+            if all(n in stored and (Path(stored[n]["path"]) / "manifest.json").exists()
+                   for n, m in needed.items() if m.store is not None):
+                labelling[budget_name][str(seed)] = earlier if stored else {"seconds": 0.0, "stores": {}}
+            else:
+                labelling[budget_name][str(seed)] = label(needed, budget, seed, workdir)
+            for name in names:  # results are written after every run: an interrupted benchmark keeps what it did
+                if (name, seed) in kept:
+                    print(f"[quality] {budget_name} {name} seed {seed}: kept from {out.with_suffix('.json')} "
+                          "(--resume)", flush=True)
+                    results[budget_name].append(kept[(name, seed)])
+                    continue
+                store = labelling[budget_name][str(seed)]["stores"].get(name)
+                results[budget_name].append(run(name, methods[name], budget, cache, seed, workdir, store,
+                                                args.eval_new_tokens))
+                write(out, results, labelling, methods, machine, command)
     print(out.with_suffix(".md").read_text())
 
 
