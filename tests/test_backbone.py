@@ -91,7 +91,7 @@ def test_unknown_builtin_and_missing_package(monkeypatch, tmp_path):
 def test_builtin_teacher_and_six_layer_student():
     teacher, tokenizer = load_teacher("builtin:smollm2-135m-instruct")
     assert teacher.config.num_hidden_layers == 30 and teacher.config.vocab_size == 49152
-    student = build_student({"from_teacher": {"layers": 6}}, teacher)
+    student = build_student({"from_teacher": {"layers": 6}}, teacher, tokenizer)  # by importance
     n = count_parameters(student)
     assert 49.0e6 < n < 50.0e6, n
     ids = tokenizer("def add(a, b):\n    return a + b\n", return_tensors="pt").input_ids

@@ -12,7 +12,9 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_data, tiny_trainer
 
+from lightning_distill import SoftDistill
 from lightning_distill.cli import DistillCLI
 
 REPO = Path(__file__).resolve().parents[1]
@@ -60,3 +62,18 @@ def test_tiny_config_fits(path, tiny_teacher_dir, tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "`Trainer.fit` stopped: `max_steps=" in done.stdout + done.stderr
     assert (tmp_path / "config.yaml").is_file()  # the resolved config, saved by the CLI
+
+
+def test_on_policy_phase_two_starts_from_an_exported_student(tiny_teacher_dir, tmp_path):
+    """configs/on_policy.yaml's shape, tiny: phase 1 exports a student folder, phase 2 names it as the student and
+    trains it on-policy from the command line."""
+    phase1 = SoftDistill(teacher=tiny_teacher_dir, student={"from_teacher": {"layers": 2}})
+    tiny_trainer(tmp_path / "phase1", max_steps=2).fit(phase1, tiny_data())
+    exported = phase1.export(str(tmp_path / "student"))
+    command = [sys.executable, "-m", "lightning_distill", "fit", "--config", str(REPO / "configs/tiny/on_policy.yaml"),
+               "--model.init_args.teacher", tiny_teacher_dir, "--model.init_args.student", exported,
+               "--trainer.default_root_dir", str(tmp_path / "phase2")]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "`Trainer.fit` stopped: `max_steps=" in done.stdout + done.stderr
