@@ -34,6 +34,7 @@ from typing import Any
 
 import lightning as L
 import torch
+from quality import History
 
 from lightning_distill import DistillDataModule, SoftDistill
 from lightning_distill.backbone import bf16_is_fast
@@ -63,19 +64,18 @@ METRICS = {  # column -> (metric, format); higher log-prob is better, lower KL, 
 }
 
 
-class TrainTime(L.Callback):
-    """Stops training once the training batches (validation excluded) have taken ``seconds`` of wall time."""
+class TrainTime(History):
+    """quality.py's :class:`History` (training-batch seconds, validation excluded) that stops training once they
+    reach ``seconds`` (0: never)."""
 
     def __init__(self, seconds: float) -> None:
-        self.seconds, self.spent, self._start = seconds, 0.0, 0.0
-
-    def on_train_batch_start(self, trainer: L.Trainer, pl_module: L.LightningModule, batch: Any, idx: int) -> None:
-        self._start = time.perf_counter()
+        super().__init__()
+        self.seconds = seconds
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            idx: int) -> None:
-        self.spent += time.perf_counter() - self._start
-        if self.seconds and self.spent >= self.seconds:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, idx)
+        if self.seconds and self.train_seconds >= self.seconds:
             trainer.should_stop = True
 
 
@@ -109,8 +109,8 @@ def phase1(seed: int, steps: int, root: Path, args: argparse.Namespace) -> dict[
     position = data.state_dict()  # where phase 2 goes on in the training order, as a resumed run would
     path = model.export(str(root / "phase1"))
     final_lr = model.hparams.optimization.learning_rate * model.hparams.optimization.min_lr_ratio
-    print(f"[phases] seed {seed}: phase 1, {steps} steps in {clock.spent:.0f} s of training", flush=True)
-    return {"steps": steps, "train_s": clock.spent, "wall_s": wall, "path": path, "final_lr": final_lr,
+    print(f"[phases] seed {seed}: phase 1, {steps} steps in {clock.train_seconds:.0f} s of training", flush=True)
+    return {"steps": steps, "train_s": clock.train_seconds, "wall_s": wall, "path": path, "final_lr": final_lr,
             "position": position,
             "metrics": validate(model, data_for(seed), root, args.val_batches)}
 
@@ -127,10 +127,10 @@ def phase2(name: str, on_policy: OnPolicy | None, seed: int, start: dict[str, An
     fit = trainer(100_000, root / name, [clock])
     fit.fit(model, data)
     metrics = validate(model, data_for(seed), root, args.val_batches)
-    print(f"[phases] seed {seed}: {name}: {fit.global_step} steps in {clock.spent:.0f} s, teacher log-prob "
+    print(f"[phases] seed {seed}: {name}: {fit.global_step} steps in {clock.train_seconds:.0f} s, teacher log-prob "
           f"{metrics['val/teacher_logprob']:.3f}, length {metrics['val/length']:.1f}, distinct-2 "
           f"{metrics['val/distinct_2']:.3f}, ppl {metrics['val/ppl']:.1f} / {metrics['val_ood/ppl']:.1f}", flush=True)
-    return {"steps": fit.global_step, "train_s": clock.spent, "learning_rate": lr, "metrics": metrics}
+    return {"steps": fit.global_step, "train_s": clock.train_seconds, "learning_rate": lr, "metrics": metrics}
 
 
 def markdown(report: dict[str, Any]) -> str:

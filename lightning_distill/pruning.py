@@ -186,7 +186,7 @@ def block_influence(model: PreTrainedModel, input_ids: Tensor,
 def prune_layers(teacher: PreTrainedModel, layers: int | list[int] | None) -> PreTrainedModel:
     """A float32 copy of ``teacher`` keeping some of its decoder layers (depth pruning): ``layers`` evenly spaced
     ones (a number) or the ones listed; the kept indices are recorded as ``config.distill_teacher_layers``."""
-    kept = select_layers(teacher, layers, "evenly") if isinstance(layers, int) else select_layers(teacher, layers)
+    kept = select_layers(teacher, layers, "evenly" if isinstance(layers, int) else None)
     config = copy.deepcopy(teacher.config)
     config.num_hidden_layers = len(kept)
     if getattr(config, "layer_types", None) is not None:  # per-layer attention kinds follow their layers

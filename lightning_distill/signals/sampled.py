@@ -155,7 +155,7 @@ def greedy_scores(run: Run, batch: Batch, prompt_tokens: int, new_tokens: int) -
     values = {"teacher_logprob": reduce_tokens(teacher_logp.reshape(-1), labels),
               "on_policy_rkl": ReverseKL()(student, teacher, labels),
               "length": written.sum(-1).float().mean(),
-              **{f"distinct_{n}": distinct_ngrams(new.cpu(), written.cpu(), n).mean() for n in (2, 4)}}
+              **{f"distinct_{n}": distinct_ngrams(new, written.cpu(), n).mean() for n in (2, 4)}}
     tokens, rows = (labels != IGNORE_INDEX).sum(), torch.tensor(prompts.shape[0])
     return values, {"teacher_logprob": tokens, "on_policy_rkl": tokens, "length": rows, "distinct_2": rows,
                     "distinct_4": rows}
