@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM
 
 from lightning_distill import Optimization, Performance, SoftDistill
 from lightning_distill.cli import load_checkpoint
-from lightning_distill.modules.base import lr_factor
+from lightning_distill.modules.base import adamw_with_schedule, fused_adamw, lr_factor
 
 
 def teacher_state(model):
@@ -65,6 +65,29 @@ def test_lr_schedule_warmup_then_cosine():
     assert factors[10] == pytest.approx(1.0)
     assert all(a >= b for a, b in itertools.pairwise(factors[10:]))
     assert lr_factor(100, 100, warmup_steps=10, min_lr_ratio=0.1) == pytest.approx(0.1)
+
+
+def test_adamw_is_fused_where_torch_takes_the_parameters_and_updates_alike():
+    """Fused AdamW for plain CPU parameters, the default one where fused cannot run (none, mixed devices); both take
+    the same steps."""
+    torch.manual_seed(0)
+    weights = [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4))]
+    assert fused_adamw(weights) and not fused_adamw([])
+    assert not fused_adamw([*weights, torch.nn.Parameter(torch.zeros(2, device="meta"))])
+    ours, plain = torch.nn.Linear(4, 8), torch.nn.Linear(4, 8)
+    plain.load_state_dict(ours.state_dict())
+    start = [p.detach().clone() for p in ours.parameters()]
+    fused = adamw_with_schedule([(ours, 1e-2)], 0.0, warmup_steps=0, min_lr_ratio=1.0, total_steps=5)["optimizer"]
+    default = torch.optim.AdamW(plain.parameters(), lr=1e-2, betas=(0.9, 0.95), eps=1e-8, weight_decay=0.0)
+    assert all(group["fused"] for group in fused.param_groups) and not default.param_groups[0]["fused"]
+    for step in range(3):
+        for model, optimizer in ((ours, fused), (plain, default)):
+            model.zero_grad()
+            model(torch.full((2, 4), float(step + 1))).square().sum().backward()
+            optimizer.step()
+    for a, b, before in zip(ours.parameters(), plain.parameters(), start, strict=True):
+        torch.testing.assert_close(a, b)
+        assert not torch.equal(a, before)  # it moved
 
 
 class _GradCapture(L.Callback):
