@@ -10,6 +10,8 @@
   (:func:`lightning_distill.data.prepare_corpus`).
 - ``lightning-distill serve --teacher NAME [--port 8000]``: a teacher behind an HTTP server
   (:mod:`lightning_distill.serve.command`).
+- ``lightning-distill write --documents N --out FILE.jsonl [--teacher NAME]``: a corpus the teacher writes itself,
+  requests and answers (:mod:`lightning_distill.data.writing`).
 
 On CPU the commands keep freed memory for reuse (:class:`~lightning_distill.callbacks.ReuseFreedMemory`: they own
 their process). ``fit --ckpt_path PATH|last`` resumes exactly (the model is built from the checkpoint, its W&B run
@@ -46,6 +48,8 @@ EPILOG = """more commands:
   demo                lightning-distill demo [--steps N ...]: distil the embedded teacher and print what it achieved
   prepare             lightning-distill prepare --corpus SOURCES --out DIR --tokenizer NAME: tokenize a corpus once
                       into chunks that DistillDataModule(corpus=DIR) streams (needs lightning-distill[scale])
+  write               lightning-distill write --documents N --out FILE.jsonl [--teacher NAME]: a corpus of text the
+                      teacher writes itself (requests and answers), to mix into training
   serve               lightning-distill serve --teacher NAME [--port 8000]: a teacher behind an HTTP server, for
                       SoftDistill(teacher="http://HOST:PORT") (needs lightning-distill[serve])
 """
@@ -320,6 +324,10 @@ def run(words: list[str], from_sys_argv: bool = False) -> None:
         from lightning_distill.data.prepare import main as prepare_main
 
         prepare_main(words[1:])
+    elif words and words[0] == "write":
+        from lightning_distill.data.writing import main as write_main
+
+        write_main(words[1:])
     elif words and words[0] == "demo":
         from lightning_distill.demo import main as demo_main
 

@@ -282,7 +282,8 @@ BAD_INPUTS = [
     ("corpus file missing", lambda c: DistillDataModule(corpus="/no/such/corpus.txt"),
      r"corpus entry '/no/such/corpus.txt' does not exist"),
     ("corpus builtin unknown", lambda c: DistillDataModule(corpus="builtin:wikipedia"),
-     r"corpus must be a known builtin corpus \(builtin:python-docs, builtin:shakespeare\), got 'builtin:wikipedia'"),
+     r"corpus must be a known builtin corpus \(builtin:python-docs, builtin:shakespeare, builtin:smollm2-writing\), "
+     r"got 'builtin:wikipedia'"),
     ("corpus glob matches nothing", lambda c: DistillDataModule(corpus=str(c.tmp / "*.nothing")),
      r"corpus glob .* matches no file"),
     ("corpus is a binary file",

@@ -164,6 +164,48 @@ def test_each_corpus_entry_is_packed_apart_and_batches_name_it(tok, tmp_path):
     assert "source" not in next(iter(built(tok, corpus=paths[0], block_size=32).train_dataloader()))  # one entry
 
 
+
+def test_val_sources_validate_on_their_entries_and_train_on_every_other_document(tok, tmp_path):
+    """With val_sources, the validation split holds only those entries' documents, split as that entry alone would
+    be; every document of the other entries trains (text mixed in for training only)."""
+    words = write(tmp_path / "words.jsonl", "".join(json.dumps({"text": prose(120, seed=s)}) + "\n" for s in range(20)))
+    mixed = write(tmp_path / "mixed.jsonl", "".join(json.dumps({"text": prose(90, seed=s)}) + "\n"
+                                                    for s in range(100, 110)))
+    alone = built(tok, corpus=words, block_size=32, val_fraction=0.2)
+    dm = built(tok, corpus=[words, mixed], val_sources=[words], block_size=32, val_fraction=0.2)
+    assert torch.equal(dm.val_blocks, alone.val_blocks)  # the same held-out documents, whatever is mixed in
+    assert set(next(iter(dm.val_dataloader()))["source"].tolist()) == {0}
+    mixed_blocks = built(tok, corpus=mixed, block_size=32, val_fraction=0.1)
+    every_mixed = len(mixed_blocks.train_blocks) + len(mixed_blocks.val_blocks)
+    assert len(dm.train_blocks) == len(alone.train_blocks) + every_mixed == len(alone.train_blocks) + (
+        dm._sources["train"] == 1).sum()
+    assert dm.corpus_settings()["val_sources"] == [words]
+    everywhere = built(tok, corpus=[words, mixed], block_size=32, val_fraction=0.2)  # default: every entry
+    assert set(everywhere._sources["validation"].tolist()) == {0, 1}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [({"val_sources": ["builtin:shakespeare"]}, r"val_sources must be a non-empty list of entries of corpus"),
+     ({"val_sources": []}, "val_sources must be a non-empty list"),
+     ({"val_sources": ["builtin:python-docs"], "max_documents": 10}, "max_documents must be None when val_sources"),
+     ({"corpus": "builtin:python-docs", "val_sources": ["builtin:python-docs"]},
+      "val_sources must be given only with a corpus of several entries")],
+)
+def test_bad_val_sources_are_refused_naming_the_fix(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillDataModule(**{"corpus": ["builtin:python-docs", "builtin:smollm2-writing"], **kwargs})
+
+
+def test_builtin_writing_is_what_the_embedded_teacher_wrote():
+    """144 documents the write command made (its settings shipped beside them), each a request and an answer."""
+    from lightning_distill.data.sources import WRITING
+
+    docs = documents("builtin:smollm2-writing")
+    assert len(docs) == 144 and all(d.strip() for d in docs)
+    settings = json.loads(WRITING.with_name(WRITING.name + ".settings.json").read_text())
+    assert settings["teacher"] == "builtin:smollm2-135m-instruct" and settings["seed"] == 0
+
 # --- token cache --------------------------------------------------------------------------------------------
 
 

@@ -7,10 +7,10 @@ run or checked here, one test per block (its id is ``file:line`` of the opening 
   disabled. Each block must therefore be self-contained (its own imports).
 - ```` ```bash ```` / ```` ```console ```` blocks are checked line by line (:func:`check_command`): ``lightning-distill
   fit|validate|test|predict ...`` is parsed by the real CLI with ``--print_config`` appended (in this process, nothing
-  is built); ``export``, ``demo``, ``prepare`` and ``serve`` must list every flag used in their ``--help``; ``make``
-  targets must exist in the Makefile; ``python benchmarks/X.py --flags``: the script exists and declares the flags;
-  ``pip install`` names extras and pins the project declares; a command this file does not know fails (add it to
-  :data:`EXTERNAL_COMMANDS` when it is another tool's).
+  is built); ``export``, ``demo``, ``prepare``, ``serve`` and ``write`` must list every flag used in their
+  ``--help``; ``make`` targets must exist in the Makefile; ``python benchmarks/X.py --flags``: the script exists
+  and declares the flags; ``pip install`` names extras and pins the project declares; a command this file does not
+  know fails (add it to :data:`EXTERNAL_COMMANDS` when it is another tool's).
 - ```` ```yaml ```` blocks parse; one with a ``model:`` is parsed by the CLI with ``--print_config``; one whose first
   line names ``# configs/X.yaml`` must be an excerpt of that file (same keys, same values).
 - Every repository path in code (``configs/...``, ``benchmarks/...``, ``docs/...``, ``lightning_distill/...``,
@@ -73,7 +73,7 @@ EXTERNAL_COMMANDS = {"wandb", "export", "git", "cd", "time"}
 REPO_PATH = re.compile(r"(?<![\w./~-])((?:configs|benchmarks|docs|lightning_distill|tests|notebooks)/[\w.{},*/-]*)")
 SKIP = re.compile(r"<!--\s*doc-test:\s*skip\s*\((.+)\)\s*-->")
 CLI_SUBCOMMANDS = {"fit", "validate", "test", "predict"}
-HELP_SUBCOMMANDS = {"export", "demo", "prepare", "serve"}
+HELP_SUBCOMMANDS = {"export", "demo", "prepare", "serve", "write"}
 
 
 # ------------------------------------------------------------------------------------------------ the markdown
@@ -194,7 +194,7 @@ def test_python_block(block: Block, tiny_teacher_dir: str, tmp_path: Path, monke
     if block.skip:
         pytest.skip(block.skip)
     tree = tiny_source(block.text, tiny_teacher_dir)
-    assert "builtin:smollm2" not in ast.unparse(tree), "the snippet still names the embedded teacher"
+    assert "builtin:smollm2-135m" not in ast.unparse(tree), "the snippet still names the embedded teacher"
     monkeypatch.chdir(tmp_path)
     for key, value in SNIPPET_ENV.items():
         monkeypatch.setenv(key, value)

@@ -53,6 +53,10 @@ class DistillDataModule(L.LightningDataModule):
         max_documents: keep the first N documents after the seeded shuffle (quick runs); ``None`` keeps all.
         ood_corpus: a second validation corpus (e.g. ``builtin:shakespeare``): every method logs its metrics on
             it under ``val_ood/``.
+        val_sources: the entries of ``corpus`` the validation split is drawn from (``val_fraction`` of their
+            documents, split as if they were the whole corpus); every document of the other entries trains: text
+            mixed in for training only, such as ``builtin:smollm2-writing`` beside an in-domain corpus. ``None``:
+            every entry.
     """
 
     def __init__(
@@ -67,6 +71,7 @@ class DistillDataModule(L.LightningDataModule):
         text_field: str = "text",
         max_documents: int | None = None,
         ood_corpus: str | list[str] | None = None,
+        val_sources: list[str] | None = None,
     ) -> None:
         super().__init__()
         checks.integer("block_size", block_size, ">= 2", lambda v: v >= 2, example="128")
@@ -87,6 +92,8 @@ class DistillDataModule(L.LightningDataModule):
             expand_sources(corpus)  # fail fast on unknown builtins, missing files and empty globs
         if ood_corpus is not None:
             expand_sources(ood_corpus)
+        if val_sources is not None:
+            check_val_sources(val_sources, corpus, self._stream is not None, max_documents)
         self.save_hyperparameters()
         self._tokenizer: PreTrainedTokenizerBase | None = None
         self._max_positions: int | None = None
@@ -148,8 +155,9 @@ class DistillDataModule(L.LightningDataModule):
     def corpus_settings(self) -> dict[str, Any]:
         """What the blocks are made from, for label manifests and error messages."""
         hp = self.hparams
-        return {"corpus": hp.corpus, "max_documents": hp.max_documents, "seed": hp.seed,
-                "val_fraction": hp.val_fraction, "text_field": hp.text_field}
+        settings = {"corpus": hp.corpus, "max_documents": hp.max_documents, "seed": hp.seed,
+                    "val_fraction": hp.val_fraction, "text_field": hp.text_field}
+        return settings if hp.val_sources is None else {**settings, "val_sources": hp.val_sources}
 
     def plan_predict(self, plan: dict[str, list[int]] | None) -> None:
         """Make :meth:`predict_dataloader` serve only these blocks, one loader per split in this order (the
@@ -178,8 +186,8 @@ class DistillDataModule(L.LightningDataModule):
             n_docs = int(json.loads(str(data["meta"]))["n_docs"])
         hp = self.hparams
         row = {int(doc): i for i, doc in enumerate(doc_ids)}  # source index -> row in the cache
-        splits = split_documents(n_docs, hp.val_fraction, hp.seed, hp.max_documents)
         corpus = [hp.corpus] if isinstance(hp.corpus, str) else list(hp.corpus)
+        splits = self._split(n_docs, entries[[row[i] for i in range(n_docs)]] if hp.val_sources else None, corpus)
         blocks = []
         for name, ids in zip(SPLITS, splits, strict=True):
             packed = []  # each entry's documents packed apart: a block never mixes two entries
@@ -201,6 +209,18 @@ class DistillDataModule(L.LightningDataModule):
                 )
         self._train_blocks, self._val_blocks = blocks
         self._build_ood_blocks(tokenizer)
+
+    def _split(self, n_docs: int, entry_of: np.ndarray | None, corpus: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """Train and validation document indices: :func:`split_documents` over every document, or with
+        ``val_sources`` over the documents of those entries only (``entry_of`` (D,): each document's entry), the
+        other entries' documents all training."""
+        hp = self.hparams
+        if entry_of is None:
+            return split_documents(n_docs, hp.val_fraction, hp.seed, hp.max_documents)
+        validated = np.isin(entry_of, [i for i, entry in enumerate(corpus) if entry in hp.val_sources])  # (D,)
+        candidates = np.flatnonzero(validated)  # source order, as if those entries were the whole corpus
+        train, val = split_documents(len(candidates), hp.val_fraction, hp.seed)
+        return np.concatenate([candidates[train], np.flatnonzero(~validated)]), candidates[val]
 
     def _build_ood_blocks(self, tokenizer: PreTrainedTokenizerBase) -> None:
         hp = self.hparams
@@ -316,6 +336,19 @@ class DistillDataModule(L.LightningDataModule):
         hp = self.hparams
         return tokenizer, cached_tokens(corpus, tokenizer, text_field=hp.text_field, max_documents=max_documents,
                                         val_fraction=hp.val_fraction, seed=hp.seed)
+
+
+def check_val_sources(val_sources: Any, corpus: Any, streamed: bool, max_documents: int | None) -> None:
+    """``val_sources`` must name entries of an in-memory ``corpus`` of several entries (without ``max_documents``)."""
+    entries = [corpus] if isinstance(corpus, str) else corpus
+    checks.require(not streamed and len(entries) > 1, "val_sources", val_sources,
+                   "given only with a corpus of several entries held in memory (not a prepared, streamed one)",
+                   "leave val_sources=None, or pass corpus as a list of sources")
+    checks.require(isinstance(val_sources, list) and bool(val_sources) and all(v in entries for v in val_sources),
+                   "val_sources", val_sources, f"a non-empty list of entries of corpus ({entries})",
+                   f"e.g. val_sources={entries[:1]}")
+    checks.require(max_documents is None, "max_documents", max_documents, "None when val_sources is given",
+                   "leave max_documents=None, or val_sources=None")
 
 
 def _streamed(corpus: Any) -> Any:

@@ -3,6 +3,10 @@
 - ``builtin:python-docs``: the documentation topics that ship with CPython (``pydoc_data.topics``, ~80 docs).
 - ``builtin:shakespeare``: ~16 KB of Shakespeare (public domain) shipped in this package: out-of-domain text for
   measuring what a student keeps of the teacher's general skill (``ood_corpus``).
+- ``builtin:smollm2-writing``: 144 documents (29k tokens) the embedded teacher wrote itself, requests and answers
+  alike (:mod:`lightning_distill.data.writing`; ``lightning-distill write --documents 144 --out
+  lightning_distill/assets/smollm2_writing.jsonl`` writes it, its settings beside it): general text to mix into
+  training beside an in-domain corpus (``val_sources`` keeps it out of validation).
 - a text file or a glob (``docs/**/*.md``): one file is one document, read as UTF-8 (a few bad bytes replaced; a
   binary file is an error).
 - a JSONL file (``*.jsonl``): one line is one document, its text in the field ``text_field``.
@@ -24,8 +28,9 @@ from typing import Any
 
 from lightning_distill import checks, files
 
-BUILTIN_CORPORA = ("builtin:python-docs", "builtin:shakespeare")
+BUILTIN_CORPORA = ("builtin:python-docs", "builtin:shakespeare", "builtin:smollm2-writing")
 SHAKESPEARE = Path(__file__).parent.parent / "assets" / "shakespeare.txt"
+WRITING = Path(__file__).parent.parent / "assets" / "smollm2_writing.jsonl"
 _HF_DATASETS: dict[str, tuple[str, Any]] = {}  # dataset folder -> (its state digest, the dataset opened from it)
 
 
@@ -64,10 +69,13 @@ def expand_sources(corpus: str | list[str]) -> list[tuple[str, str]]:
 
 
 def source_identity(kind: str, where: str, text_field: str) -> dict[str, Any]:
-    """What the tokens of a source depend on: builtin name + Python version; file path + size + mtime; or
-    dataset path + a hash of its ``state.json``/``dataset_dict.json`` files (holding its fingerprints)."""
+    """What the tokens of a source depend on: builtin name + Python version (the Python docs) or + a hash of the file
+    shipped in this package; file path + size + mtime; or dataset path + a hash of its ``state.json``/
+    ``dataset_dict.json`` files (holding its fingerprints)."""
     if kind == "builtin":
-        return {"builtin": where, "python": sys.version}
+        shipped = {"builtin:shakespeare": SHAKESPEARE, "builtin:smollm2-writing": WRITING}.get(where)
+        return {"builtin": where, "python": sys.version} if shipped is None else {
+            "builtin": where, "sha256": files.sha256(shipped.read_bytes())}
     if kind == "hf":
         return {"hf": where, "state": _hf_state(where), "text_field": text_field}
     stat = os.stat(where)
@@ -105,6 +113,8 @@ def builtin_documents(name: str) -> list[str]:
     """The documents of a builtin corpus (a name in :data:`BUILTIN_CORPORA`), always in the same order."""
     if name == "builtin:shakespeare":
         return [SHAKESPEARE.read_text(encoding="utf-8")]
+    if name == "builtin:smollm2-writing":
+        return _read_jsonl(WRITING, "text")
     from pydoc_data.topics import topics
 
     return [topics[topic] for topic in sorted(topics)]
