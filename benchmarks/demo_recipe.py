@@ -31,7 +31,7 @@ from quality import plain
 
 from lightning_distill.backbone import bf16_is_fast
 from lightning_distill.callbacks import ReuseFreedMemory
-from lightning_distill.data import DistillDataModule
+from lightning_distill.data import DistillDataModule, sources
 from lightning_distill.modules import SoftDistill
 from lightning_distill.options import Features, Optimization
 
@@ -41,6 +41,9 @@ IMPORTANCE = {"from_teacher": {"layers": 6, "select": "importance"}}
 FEATURES = {"features": Features(weight=1.0)}  # the feature term at weight 1 (cosine, the matched layers)
 LR_2E3 = {"optimization": Optimization(learning_rate=2e-3)}
 FROZEN_EMB = Optimization(learning_rate=2e-3, train_embeddings=False)
+L8 = {"from_teacher": {"layers": 8, "select": "importance"}}
+L9 = {"from_teacher": {"layers": 9, "select": "importance"}}
+WRITING = "builtin:smollm2-writing"  # 144 documents the teacher wrote (lightning_distill.data.writing)
 RECIPE = {"student": IMPORTANCE, **FEATURES, "ce_weight": 0.25, **LR_2E3}  # the demo's recipe since 2026-11-30
 CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (student spec included)
     "today": {"student": EVENLY},
@@ -68,10 +71,43 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (stud
     "L8_frozen_emb_ce0.1": {**RECIPE, "student": {"from_teacher": {"layers": 8, "select": "importance"}},
                             "optimization": FROZEN_EMB, "ce_weight": 0.1},
     "recipe_frozen_emb_ce0.1_160steps": {**RECIPE, "optimization": FROZEN_EMB, "ce_weight": 0.1, "steps": 160},
+    # issue #25, sweep 4: text the teacher wrote (`lightning-distill write`) mixed into training; mix_documents: its
+    # first N documents (the builtin holds 144), and fused AdamW from here on (the same numbers, cheaper steps)
+    "recipe_mix288": {**RECIPE, "mix": WRITING, "mix_documents": 288},
+    "L8_recipe_mix288": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 288},
+    "L8_recipe_mix192": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 192},
+    "L8_recipe_mix144": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 144},
+    "L8_recipe_mix96": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 96},
+    "L8_no_features_mix144": {**RECIPE, "student": L8, "features": None, "mix": WRITING, "mix_documents": 144},
+    "L8_recipe_mix144_130steps": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 144, "steps": 130},
+    "L9_recipe_mix144": {**RECIPE, "student": L9, "mix": WRITING, "mix_documents": 144},
+    "L9_recipe_mix144_112steps": {**RECIPE, "student": L9, "mix": WRITING, "mix_documents": 144, "steps": 112},
+    "L9_mix": {"student": L9, "mix": WRITING, **LR_2E3},  # SoftDistill's defaults, 9 layers, the writing mixed in
+    "L9_mix_112steps": {"student": L9, "mix": WRITING, **LR_2E3, "steps": 112},  # the demo since sweep 4
     "importance_160steps": {"student": IMPORTANCE, "steps": 160},
     "importance_features_160steps": {"student": IMPORTANCE, **FEATURES, "steps": 160},
 }
-"""``steps``: this candidate's optimizer steps instead of ``--steps`` (more steps in the demo's wall time)."""
+"""``steps``: this candidate's optimizer steps instead of ``--steps`` (more steps in the demo's wall time); ``mix``: a
+corpus mixed into training (validation stays on the Python docs), ``mix_documents``: only its first N documents."""
+RUN_KEYS = ("steps", "mix", "mix_documents")
+
+
+def mix_source(mix: str, documents: int | None, args: argparse.Namespace) -> str:
+    """The corpus to mix in: ``mix`` (``--writing`` in place of the builtin when given), or a JSONL file of its first
+    ``documents`` documents (of the teacher's writing, exactly what ``lightning-distill write --documents N`` writes
+    when N is a multiple of its batch size, 48: the builtin holds the first 144 of the sweep's 288)."""
+    mix = args.writing if mix == WRITING and args.writing else mix
+    if documents is None:
+        return mix
+    texts = sources.documents(mix)
+    if len(texts) < documents:
+        raise SystemExit(f"{mix} holds {len(texts)} documents, this candidate mixes {documents}: write them with "
+                         f"`lightning-distill write --documents 288 --out writing.jsonl`, then pass --writing "
+                         "writing.jsonl")
+    path = Path(args.out).parent / "demo_recipe_runs" / f"mix_{documents}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts[:documents]))
+    return str(path)
 
 
 def run(name: str, kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
@@ -79,8 +115,13 @@ def run(name: str, kwargs: dict[str, Any], args: argparse.Namespace) -> dict[str
     L.seed_everything(0, verbose=False)
     start = time.perf_counter()
     steps = kwargs.get("steps", args.steps)
-    model = SoftDistill(**{k: v for k, v in kwargs.items() if k != "steps"})
-    data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare", block_size=128,
+    model = SoftDistill(**{k: v for k, v in kwargs.items() if k not in RUN_KEYS})
+    corpus = "builtin:python-docs"
+    mixed = {}
+    if "mix" in kwargs:  # validated on the Python docs alone, as the demo
+        mixed = {"corpus": [corpus, mix_source(kwargs["mix"], kwargs.get("mix_documents"), args)],
+                 "val_sources": [corpus]}
+    data = DistillDataModule(**{"corpus": corpus, **mixed}, ood_corpus="builtin:shakespeare", block_size=128,
                              batch_size=4)
     data.set_tokenizer(model.tokenizer, model.max_positions)
     data.prepare_data()
@@ -133,9 +174,11 @@ def markdown(report: dict[str, Any]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--only", default=",".join(CANDIDATES), help="comma-separated candidate names")
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps (the demo's 120)")
+    parser.add_argument("--steps", type=int, default=120, help="optimizer steps (120: the demo's until sweep 4)")
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split (the demo's 8)")
     parser.add_argument("--out", default=str(RESULTS / "demo_recipe"), help="OUT.json and OUT.md are written")
+    parser.add_argument("--writing", default=None, help="the teacher's writing to mix in instead of the builtin (sweep "
+                        "4 ran on `lightning-distill write --documents 288`'s file; the builtin is its first 144)")
     parser.add_argument("--keep", action="store_true",
                         help="keep the rows of OUT.json whose candidates are not run now (a sweep in parts)")
     args = parser.parse_args(argv)

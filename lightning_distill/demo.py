@@ -1,12 +1,12 @@
-"""The main job (``make demo``): distil the embedded teacher into a 6-layer student and print what it achieved.
+"""The main job (``make demo``): distil the embedded teacher into a 9-layer student and print what it achieved.
 
-SmolLM2-135M-Instruct (30 layers) -> a depth-pruned 6-layer student (~49.5M parameters) keeping the 6 teacher layers
-of highest measured importance (:mod:`lightning_distill.pruning`), trained with SoftDistill's forward KL and CE plus
-the feature term, at the weights and learning rate a measured sweep chose (:data:`RECIPE`,
-``benchmarks/demo_recipe.py``), on the built-in corpus (the Python documentation). The table compares the teacher,
-the student as pruned and the student after training, in domain (held-out Python docs) and out of domain
-(Shakespeare), with the student's perplexity as a multiple of the teacher's, then the student is exported as a
-Hugging Face folder.
+SmolLM2-135M-Instruct (30 layers) -> a depth-pruned 9-layer student (~60M parameters) keeping the 9 teacher layers
+of highest measured importance (:mod:`lightning_distill.pruning`), trained with SoftDistill's defaults (forward KL,
+CE at 0.25, lr 2e-3) on the built-in corpus (the Python documentation) with text the teacher wrote itself mixed in
+(``builtin:smollm2-writing``, :mod:`lightning_distill.data.writing`): the recipe a measured sweep chose
+(:data:`RECIPE`, ``benchmarks/demo_recipe.py``). The table compares the teacher, the student as pruned and the
+student after training, in domain (held-out Python docs) and out of domain (Shakespeare), with the student's
+perplexity as a multiple of the teacher's, then the student is exported as a Hugging Face folder.
 """
 
 from __future__ import annotations
@@ -28,21 +28,29 @@ from lightning_distill.data import DistillDataModule
 from lightning_distill.modules import SoftDistill
 from lightning_distill.options import Features, Optimization
 
-RECIPE = {"learning_rate": 2e-3, "ce_weight": 0.25, "feature_weight": 1.0}
-"""The SoftDistill arguments a measured sweep chose for the demo (``benchmarks/results/demo_recipe.md``)."""
+MIX = "builtin:smollm2-writing"
+"""Text mixed into the demo's training: what the teacher wrote itself (:mod:`lightning_distill.data.writing`)."""
+RECIPE = {"layers": 9, "steps": 112, "learning_rate": 2e-3, "ce_weight": 0.25, "feature_weight": 0.0}
+"""The student depth and SoftDistill arguments a measured sweep chose for the demo, with :data:`MIX`
+(``benchmarks/results/demo_recipe_sweep4.md``)."""
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="lightning-distill demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--steps", type=int, default=120, help="optimizer steps (default 120)")
-    parser.add_argument("--layers", type=int, default=6, help="student layers kept from the teacher's 30")
+    parser.add_argument("--steps", type=int, default=RECIPE["steps"],
+                        help=f"optimizer steps (default {RECIPE['steps']}: the demo's time before the 9-layer student)")
+    parser.add_argument("--layers", type=int, default=RECIPE["layers"],
+                        help=f"student layers kept from the teacher's 30 (default {RECIPE['layers']})")
     parser.add_argument("--select", choices=("importance", "evenly"), default="importance",
                         help="which teacher layers the student keeps (default: the most important ones)")
     parser.add_argument("--learning-rate", type=float, default=RECIPE["learning_rate"], help="peak learning rate")
     parser.add_argument("--ce-weight", type=float, default=RECIPE["ce_weight"],
                         help="weight of CE on the real text against the KL term")
     parser.add_argument("--feature-weight", type=float, default=RECIPE["feature_weight"],
-                        help="weight of the feature term (each student layer's states matched to its teacher layer's)")
+                        help="weight of the feature term (each student layer's states matched to its teacher layer's; "
+                             "default 0: off)")
+    parser.add_argument("--mix", default=MIX, help="general text mixed into training beside the Python docs, never "
+                        f"validated on (default {MIX}: what the teacher wrote itself); 'none': Python docs only")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=128)
     parser.add_argument("--val-batches", type=int, default=8, help="validation batches per split")
@@ -72,7 +80,9 @@ def main(argv: list[str] | None = None) -> dict[str, dict[str, float]]:
     model = SoftDistill(teacher=args.teacher, student={"from_teacher": {"layers": args.layers, "select": args.select}},
                         ce_weight=args.ce_weight, optimization=Optimization(learning_rate=args.learning_rate),
                         features=Features(weight=args.feature_weight) if args.feature_weight > 0 else None)
-    data = DistillDataModule(corpus="builtin:python-docs", ood_corpus="builtin:shakespeare",
+    corpus = "builtin:python-docs"
+    mixed = {} if args.mix == "none" else {"corpus": [corpus, args.mix], "val_sources": [corpus]}
+    data = DistillDataModule(**{"corpus": corpus, **mixed}, ood_corpus="builtin:shakespeare",
                              block_size=args.block_size, batch_size=args.batch_size)
     precision = "bf16-mixed" if bf16_is_fast() else "32-true"
     data.set_tokenizer(model.tokenizer, model.max_positions)
@@ -113,8 +123,9 @@ def report(console: Console, before: dict[str, float], after: dict[str, float], 
                                                                        (after, "ppl")))
         table.add_row(label, "1x", f"{pruned / teacher:,.0f}x", f"{distilled / teacher:.2f}x")
     console.print(table)
+    mixed = "Python docs only" if args.mix == "none" else f"Python docs + {args.mix} (validated on the docs alone)"
     console.print(f"student: teacher layers {kept} kept ({args.select}); loss: forward KL, CE weight {args.ce_weight}, "
-                  f"feature weight {args.feature_weight}; lr {args.learning_rate:g}")
+                  f"feature weight {args.feature_weight}; lr {args.learning_rate:g}; trained on {mixed}")
     console.print(f"training: {args.steps} steps and the final validation in {fit_time:.0f} s; whole demo "
                   f"{total:.0f} s")
     console.print(f"exported student: {exported} (AutoModelForCausalLM.from_pretrained loads it)")

@@ -55,6 +55,7 @@ def test_demo_runs_end_to_end_on_a_tiny_teacher(tiny_teacher_dir, tmp_path, caps
     printed = capsys.readouterr().out
     assert "student distilled" in printed and "exported student" in printed
     assert "perplexity / teacher's, Shakespeare" in printed and "kept (importance)" in printed
+    assert "trained on Python docs + builtin:smollm2-writing (validated on the docs alone)" in printed
     assert results["after"]["val/ppl"] > 0 and "val_ood/ppl" in results["after"]
     config = json.loads((tmp_path / "demo" / "student" / "config.json").read_text())
     assert len(config["distill_teacher_layers"]) == 2  # the demo's student keeps the layers importance chose

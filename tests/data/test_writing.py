@@ -67,7 +67,7 @@ def test_refusals_name_the_fix(chat_teacher, tiny_teacher_dir, tmp_path):
     with pytest.raises(ValueError, match=r"teacher must be a chat model.*use an instruct/chat model"):
         write_corpus(tmp_path / "plain.jsonl", 2, settings(tiny_teacher_dir), progress=False)
     assert not list(tmp_path.glob("plain*"))  # nothing left behind
-    with pytest.raises(ValueError, match="documents must be an integer >= 1, got 0, e.g. documents=144"):
+    with pytest.raises(ValueError, match=r"documents must be an integer >= 1, got 0, e\.g\. documents=144"):
         write_corpus(tmp_path / "none.jsonl", 0, settings(chat_teacher))
     for bad in ({"batch_size": 0}, {"top_p": 0.0}, {"temperature": -1.0}, {"seed": 1.5}):
         with pytest.raises(ValueError, match=next(iter(bad))):
