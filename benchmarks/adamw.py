@@ -3,13 +3,13 @@
     python benchmarks/adamw.py                      # ~3 min on 2 quiet CPU cores
     python benchmarks/adamw.py --layers 6 --steps 5 --out /tmp/adamw   # a smoke run
 
-For each student (``{"from_teacher": {"layers": N}}`` of the embedded teacher, the demo's recipe): the AdamW step over
-its trainable parameters with torch's three implementations (the single-tensor default on CPU, ``foreach`` and
-``fused``; median of ``--repeats`` after 3 untimed), then the demo's training (``SoftDistill`` with the recipe of
-``lightning_distill.demo``, 4 x 128 tokens, bf16-mixed where fast) for ``--steps`` steps with the modules' AdamW
-(fused where :func:`~lightning_distill.modules.base.fused_adamw` allows) and with the default forced, side by side in
-this process: median seconds per step after 3 untimed ones. Writes ``benchmarks/results/adamw.{json,md}`` with the
-machine, versions, command and date.
+For each student (``{"from_teacher": {"layers": N}}`` of the embedded teacher): the AdamW step over its trainable
+parameters with torch's three implementations (the single-tensor default on CPU, ``foreach`` and ``fused``; median
+of ``--repeats`` after 3 untimed), then the demo's training (``SoftDistill``'s defaults with the feature term, the
+demo's recipe until its sweep 4; 4 x 128 tokens of the Python docs, bf16-mixed where fast) for ``--steps`` steps with
+the modules' AdamW (fused where :func:`~lightning_distill.modules.base.fused_adamw` allows) and with the default
+forced, side by side in this process: median seconds per step after 3 untimed ones. Writes
+``benchmarks/results/adamw.{json,md}`` with the machine, versions, command and date.
 """
 
 from __future__ import annotations
@@ -54,9 +54,9 @@ class StepTimes(L.Callback):
 
 
 def student(layers: int) -> SoftDistill:
+    """SoftDistill's defaults with the feature term at weight 1 (the demo's recipe until its sweep 4)."""
     return SoftDistill(student={"from_teacher": {"layers": layers}}, ce_weight=RECIPE["ce_weight"],
-                       optimization=Optimization(learning_rate=RECIPE["learning_rate"]),
-                       features=Features(weight=RECIPE["feature_weight"]))
+                       optimization=Optimization(learning_rate=RECIPE["learning_rate"]), features=Features(weight=1.0))
 
 
 def optimizer_steps(model: SoftDistill, repeats: int) -> dict[str, float]:

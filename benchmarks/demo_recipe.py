@@ -22,6 +22,7 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,6 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (stud
     "recipe_frozen_emb_ce0.1_160steps": {**RECIPE, "optimization": FROZEN_EMB, "ce_weight": 0.1, "steps": 160},
     # issue #25, sweep 4: text the teacher wrote (`lightning-distill write`) mixed into training; mix_documents: its
     # first N documents (the builtin holds 144), and fused AdamW from here on (the same numbers, cheaper steps)
-    "recipe_mix288": {**RECIPE, "mix": WRITING, "mix_documents": 288},
     "L8_recipe_mix288": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 288},
     "L8_recipe_mix192": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 192},
     "L8_recipe_mix144": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 144},
@@ -82,7 +82,9 @@ CANDIDATES: dict[str, dict[str, Any]] = {  # name -> SoftDistill arguments (stud
     "L8_recipe_mix144_130steps": {**RECIPE, "student": L8, "mix": WRITING, "mix_documents": 144, "steps": 130},
     "L9_recipe_mix144": {**RECIPE, "student": L9, "mix": WRITING, "mix_documents": 144},
     "L9_recipe_mix144_112steps": {**RECIPE, "student": L9, "mix": WRITING, "mix_documents": 144, "steps": 112},
-    "L9_mix": {"student": L9, "mix": WRITING, **LR_2E3},  # SoftDistill's defaults, 9 layers, the writing mixed in
+    "L9_mix288": {"student": L9, "mix": WRITING, "mix_documents": 288, **LR_2E3},  # SoftDistill's defaults, 9 layers
+    "L9_mix288_112steps": {"student": L9, "mix": WRITING, "mix_documents": 288, **LR_2E3, "steps": 112},
+    "L9_mix": {"student": L9, "mix": WRITING, **LR_2E3},  # the builtin writing (144 documents)
     "L9_mix_112steps": {"student": L9, "mix": WRITING, **LR_2E3, "steps": 112},  # the demo since sweep 4
     "importance_160steps": {"student": IMPORTANCE, "steps": 160},
     "importance_features_160steps": {"student": IMPORTANCE, **FEATURES, "steps": 160},
@@ -93,19 +95,18 @@ RUN_KEYS = ("steps", "mix", "mix_documents")
 
 
 def mix_source(mix: str, documents: int | None, args: argparse.Namespace) -> str:
-    """The corpus to mix in: ``mix`` (``--writing`` in place of the builtin when given), or a JSONL file of its first
-    ``documents`` documents (of the teacher's writing, exactly what ``lightning-distill write --documents N`` writes
-    when N is a multiple of its batch size, 48: the builtin holds the first 144 of the sweep's 288)."""
-    mix = args.writing if mix == WRITING and args.writing else mix
+    """The corpus to mix in: ``mix``, or a JSONL file of the first ``documents`` documents of ``mix`` (of
+    ``--writing`` when given, in place of the builtin writing: exactly what ``lightning-distill write --documents N``
+    writes when N is a multiple of its batch size, 48; the builtin holds the first 144 of the sweep's 288)."""
     if documents is None:
         return mix
+    mix = args.writing if mix == WRITING and args.writing else mix
     texts = sources.documents(mix)
     if len(texts) < documents:
         raise SystemExit(f"{mix} holds {len(texts)} documents, this candidate mixes {documents}: write them with "
                          f"`lightning-distill write --documents 288 --out writing.jsonl`, then pass --writing "
                          "writing.jsonl")
-    path = Path(args.out).parent / "demo_recipe_runs" / f"mix_{documents}.jsonl"
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = Path(tempfile.mkdtemp(prefix="demo_recipe_mix_")) / f"mix_{documents}.jsonl"  # this process' own
     path.write_text("".join(json.dumps({"text": text}) + "\n" for text in texts[:documents]))
     return str(path)
 
@@ -156,7 +157,8 @@ def markdown(report: dict[str, Any]) -> str:
     lines = [f"Measured by `{report['command']}` on {report['date']}: {report['machine']}.", "",
              f"The demo's run ({report['steps']} steps of 4 x 128 tokens unless a row says, SoftDistill's loss, "
              f"{report['precision']}) per candidate; teacher perplexity {teacher['val/teacher_ppl']:.1f} in domain, "
-             f"{teacher['val_ood/teacher_ppl']:.1f} on Shakespeare. Ratio: student perplexity / teacher's.", "",
+             f"{teacher['val_ood/teacher_ppl']:.1f} on Shakespeare. Ratio: student perplexity / teacher's."
+             + (f" {report['note']}" if report.get("note") else ""), "",
              "| candidate | steps | teacher layers kept | ppl as pruned | ppl in domain | ratio | ppl Shakespeare "
              "| ratio | top-1 agreement | KL | fit wall time |",
              "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
