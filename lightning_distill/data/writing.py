@@ -83,12 +83,13 @@ def write_corpus(out: str | Path, documents: int, settings: WritingSettings = Wr
     """
     checks.integer("documents", documents, ">= 1", lambda v: v >= 1, "144")
     out = Path(out)
-    prefix = _user_turn_prefix(load_tokenizer(settings.teacher), settings.teacher)  # a chat model, or refused
+    tokenizer = load_tokenizer(settings.teacher)
+    prefix = _user_turn_prefix(tokenizer, settings.teacher)  # a chat model, or refused before anything is written
     done = _resume(out, out.with_name(out.name + ".settings.json"), settings)
     if done >= documents:
         return out
-    model, tokenizer = load_teacher(settings.teacher, dtype=as_dtype(dtype) or as_dtype("auto"),
-                                    device="cuda" if torch.cuda.is_available() else None)
+    model, _ = load_teacher(settings.teacher, dtype=as_dtype(dtype) or as_dtype("auto"),
+                            device="cuda" if torch.cuda.is_available() else None)
     out.parent.mkdir(parents=True, exist_ok=True)
     with open(out, "a", encoding="utf-8") as file, Progress(disable=not progress) as bar:
         task = bar.add_task(f"{settings.teacher} writes", total=documents, completed=done)
